@@ -1,0 +1,108 @@
+//! The engine interface: a VmSpec in, a running Machine out.
+//!
+//! Two implementations: `qemu` (Linux, and anywhere qemu-system exists) and `vz` (macOS,
+//! Virtualization.framework). The supervisor only ever talks to these traits.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use crate::spec::VmSpec;
+
+pub mod qemu;
+#[cfg(target_os = "macos")]
+pub mod vz;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{what} was not found: {hint}")]
+    Missing { what: String, hint: String },
+    #[error("invalid VM configuration: {0}")]
+    InvalidSpec(String),
+    #[error("the VM could not be started: {0}")]
+    Boot(String),
+    #[error("guest vsock port {port} is not accepting connections: {reason}")]
+    Connect { port: u32, reason: String },
+    #[error("the VM is not running")]
+    NotRunning,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl EngineError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        EngineError::Io { context: context.into(), source }
+    }
+}
+
+/// Which hypervisor to drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Apple Virtualization.framework (macOS on Apple silicon).
+    Vz,
+    /// QEMU with virtiofsd and vhost-device-vsock (Linux).
+    Qemu,
+}
+
+impl EngineKind {
+    pub fn platform_default() -> Self {
+        if cfg!(target_os = "macos") { EngineKind::Vz } else { EngineKind::Qemu }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Vz => "vz",
+            EngineKind::Qemu => "qemu",
+        }
+    }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered itself off.
+    GuestShutdown,
+    /// We stopped it (force stop).
+    Forced,
+    /// The hypervisor reported an error or died.
+    Error(String),
+}
+
+pub trait Engine: Send + Sync {
+    fn kind(&self) -> EngineKind;
+    /// Boots the VM described by `spec`. Returns once the hypervisor runs the guest (not once the guest is ready).
+    /// Console bytes from the guest are written to `console`.
+    fn boot(&self, spec: &VmSpec, console: Box<dyn io::Write + Send>) -> Result<Box<dyn Machine>, EngineError>;
+}
+
+pub trait Machine: Send + Sync {
+    /// Opens a stream to a vsock port in the guest.
+    fn connect(&self, port: u32) -> Result<UnixStream, EngineError>;
+    /// Asks the guest to power off (ACPI power button or its VZ equivalent). Returns at once.
+    fn request_stop(&self) -> Result<(), EngineError>;
+    /// Stops the VM at once, like pulling the plug.
+    fn force_stop(&self) -> Result<(), EngineError>;
+    /// Waits until the VM has stopped, at most `timeout` (None = forever). Ok(None) on timeout.
+    fn wait(&self, timeout: Option<Duration>) -> Result<Option<StopReason>, EngineError>;
+    /// Process ids of hypervisor helper processes (QEMU, virtiofsd, ...), for status and tests.
+    fn helper_pids(&self) -> Vec<u32>;
+}
+
+/// Picks the engine implementation for `kind` on this platform.
+pub fn for_kind(kind: EngineKind) -> Result<Box<dyn Engine>, EngineError> {
+    match kind {
+        EngineKind::Qemu => Ok(Box::new(qemu::QemuEngine::detect()?)),
+        #[cfg(target_os = "macos")]
+        EngineKind::Vz => Ok(Box::new(vz::VzEngine::new())),
+        #[cfg(not(target_os = "macos"))]
+        EngineKind::Vz => Err(EngineError::Missing {
+            what: "the vz engine (Virtualization.framework)".into(),
+            hint: "it exists only on macOS; use --engine qemu on this system".into(),
+        }),
+    }
+}

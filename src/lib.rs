@@ -1,0 +1,9 @@
+//! darwin-vz-nix: a native NixOS Linux builder VM.
+//!
+//! Layout: `cli` parses, `spec` is plain data, `engine` turns a spec into a running VM, `supervisor` owns the
+//! lifecycle, `agent` is the host/guest protocol, `instance` is one state directory, `ssh` the keys and argv.
+
+pub mod agent;
+pub mod engine;
+pub mod guest_config;
+pub mod spec;
