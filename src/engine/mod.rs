@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::spec::VmSpec;
 
 pub mod qemu;
-#[cfg(target_os = "macos")]
+/// Virtualization.framework; its plain logic compiles everywhere, its Objective-C parts only on macOS.
 pub mod vz;
 
 #[derive(Debug, thiserror::Error)]
