@@ -6,4 +6,5 @@
 pub mod agent;
 pub mod engine;
 pub mod guest_config;
+pub mod relay;
 pub mod spec;
