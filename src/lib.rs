@@ -4,7 +4,11 @@
 //! lifecycle, `agent` is the host/guest protocol, `instance` is one state directory, `ssh` the keys and argv.
 
 pub mod agent;
+pub mod cli;
 pub mod engine;
 pub mod guest_config;
+pub mod instance;
 pub mod relay;
+pub mod ssh;
 pub mod spec;
+pub mod units;
