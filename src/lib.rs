@@ -5,9 +5,11 @@
 
 pub mod agent;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod guest_config;
 pub mod instance;
+pub mod launch;
 pub mod relay;
 pub mod ssh;
 pub mod spec;
