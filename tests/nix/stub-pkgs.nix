@@ -6,11 +6,12 @@
 let
   system = "aarch64-darwin";
 
-  drv = name: extra: builtins.derivation ({
-    inherit name system;
-    builder = "/bin/sh";
-    args = [ "-c" "echo stub >$out" ];
-  }) // { meta = { }; } // extra;
+  drv = name: extra: builtins.derivation
+    ({
+      inherit name system;
+      builder = "/bin/sh";
+      args = [ "-c" "echo stub >$out" ];
+    }) // { meta = { }; } // extra;
 
   pkg = name: drv name { pname = name; version = "0"; };
 
@@ -58,6 +59,20 @@ let
     substituteAll = { name ? "substituted", ... }: drv name { };
     replaceVars = src: _: drv (baseNameOf (toString src)) { };
     makeWrapper = pkg "make-wrapper";
+    # nix.linux-builder's package, for the test that enables it next to ours.
+    darwin.linux-builder =
+      let
+        lb = drv "linux-builder" {
+          nixosConfig = {
+            networking.hostName = "linux-builder";
+            nixpkgs.hostPlatform.system = "aarch64-linux";
+            virtualisation = { cores = 1; darwin-builder.memorySize = 3072; };
+          };
+          nixosOptions = { };
+          override = _: lb;
+        };
+      in
+      lb;
   } // lib.genAttrs [
     "bash"
     "coreutils"
