@@ -71,6 +71,27 @@ let
   extraWithoutGuest = withPaths { extraNixOSConfig = { marker = "x"; }; };
   noPaths = evalWith [ ];
 
+  # The flake's darwinModules.default, with a stand-in nixpkgs input (callPackage -> stub package,
+  # nixosSystem -> fakeGuest): package and guest paths must default from the flake.
+  flake =
+    let
+      fakeNixpkgs = {
+        lib = lib // { nixosSystem = _: fakeGuest; };
+        legacyPackages = lib.genAttrs [ "aarch64-darwin" "x86_64-linux" "aarch64-linux" ]
+          (_: stub // { callPackage = _: _: stub.darwin-vz-nix; });
+      };
+      outputs = (import ../../flake.nix).outputs { self = outputs; nixpkgs = fakeNixpkgs; };
+    in
+    outputs;
+  fromFlake = (import (nixDarwin + "/eval-config.nix") {
+    inherit lib;
+    enableNixpkgsReleaseCheck = false;
+    modules = [
+      flake.darwinModules.default
+      { _module.args.pkgs = lib.mkForce stub; system.stateVersion = 6; services.darwin-vz.enable = true; }
+    ];
+  }).config;
+
   expectedDefaultArgs = [
     "--state-dir"
     "/var/lib/darwin-vz-nix"
@@ -265,6 +286,15 @@ let
         relative = failedOurs (withPaths { workingDirectory = "var/dvn"; }) != [ ];
       };
       expected = { sshKey = "/opt/dvn/ssh/id_ed25519"; state = [ "--state-dir" "/opt/dvn" ]; relative = true; };
+    }
+    {
+      name = "flake darwinModules.default: package and guest paths default from the flake";
+      got = {
+        bin = builtins.elemAt (daemon fromFlake).ProgramArguments 3;
+        system = has "-guest-base" fromFlake.services.darwin-vz.systemPath;
+        failed = failed fromFlake;
+      };
+      expected = { bin = "${stub.darwin-vz-nix}/bin/darwin-vz-nix"; system = true; failed = [ ]; };
     }
   ];
 
