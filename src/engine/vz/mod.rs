@@ -1,5 +1,14 @@
-//! Virtualization.framework engine (placeholder; macOS parts to come).
+//! Virtualization.framework engine (macOS on Apple silicon).
+//!
+//! `rules`, `machine_id`, `plumbing`: plain logic, compiled and unit-tested everywhere.
+//! The macOS layer (placeholder in this commit) only translates a VmSpec into framework calls.
+
+pub mod machine_id;
+pub mod plumbing;
+pub mod rules;
+
 #[cfg(target_os = "macos")]
+#[derive(Default)]
 pub struct VzEngine;
 #[cfg(target_os = "macos")]
 impl VzEngine {
