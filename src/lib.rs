@@ -4,6 +4,7 @@
 //! lifecycle, `agent` is the host/guest protocol, `instance` is one state directory, `ssh` the keys and argv.
 
 pub mod agent;
+pub mod doctor;
 pub mod engine;
 pub mod guest_config;
 pub mod spec;
