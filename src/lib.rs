@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cli;
 pub mod control;
+pub mod doctor;
 pub mod engine;
 pub mod guest_config;
 pub mod instance;
@@ -13,6 +14,6 @@ pub mod launch;
 pub mod progress;
 pub mod relay;
 pub mod ssh;
-pub mod supervisor;
 pub mod spec;
+pub mod supervisor;
 pub mod units;
