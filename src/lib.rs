@@ -11,6 +11,7 @@ pub mod engine;
 pub mod guest_config;
 pub mod instance;
 pub mod launch;
+pub mod listener;
 pub mod progress;
 pub mod relay;
 pub mod ssh;
