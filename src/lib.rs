@@ -4,6 +4,13 @@
 //! lifecycle, `agent` is the host/guest protocol, `instance` is one state directory, `ssh` the keys and argv.
 
 pub mod agent;
+pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod guest_config;
+pub mod instance;
+pub mod launch;
+pub mod relay;
+pub mod ssh;
 pub mod spec;
+pub mod units;

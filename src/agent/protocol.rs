@@ -50,8 +50,6 @@ pub struct GuestStatus {
     pub builds_in_flight: u32,
     /// The guest's wall clock when it answered.
     pub unix_ms: i64,
-    /// Whether sshd answers inside the guest.
-    pub sshd_ready: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

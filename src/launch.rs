@@ -1,0 +1,191 @@
+//! From a `start` request to what the supervisor runs: validation (before anything is written), the effective
+//! configuration, the guest's settings and the VmSpec.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::cli::StartArgs;
+use crate::engine::EngineKind;
+use crate::guest_config::{FILE_SETTINGS, GuestSettings, SETTINGS_VERSION};
+use crate::instance::disk::{self, DiskPlan};
+use crate::instance::{EffectiveConfig, InstanceError, Layout, write_atomic};
+use crate::spec::{DiskSpec, NetworkSpec, RosettaMode, ShareSpec, TAG_CONFIG, TAG_NIX_STORE, VSOCK_PORT_AGENT, VmSpec};
+
+/// Bad input: reported with exit code 2, and nothing on disk was touched.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("{flag} {path}: {problem}")]
+    BadPath { flag: &'static str, path: PathBuf, problem: String },
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Checks a start request without writing anything; returns the effective configuration and the disk plan.
+pub fn validate_start(args: &StartArgs, engine: EngineKind, layout: &Layout) -> Result<Result<(EffectiveConfig, DiskPlan), InputError>, InstanceError> {
+    let check = || -> Result<(), InputError> {
+        require_file("--kernel", &args.kernel)?;
+        require_file("--initrd", &args.initrd)?;
+        if let Some(system) = &args.system {
+            if !system.join("init").exists() {
+                return Err(InputError::BadPath { flag: "--system", path: system.clone(), problem: "has no `init`: pass a NixOS system toplevel (the result of building config.system.build.toplevel)".into() });
+            }
+        }
+        if engine == EngineKind::Qemu && args.rosetta_requested() == Some(true) {
+            return Err(InputError::Unsupported("--rosetta needs the vz engine on Apple silicon; with --engine qemu use --no-rosetta or leave it out".into()));
+        }
+        if cfg!(not(target_os = "macos")) && engine == EngineKind::Vz {
+            return Err(InputError::Unsupported("--engine vz needs macOS (Virtualization.framework); use --engine qemu here".into()));
+        }
+        Ok(())
+    };
+    if let Err(e) = check() {
+        return Ok(Err(e));
+    }
+    let plan = match disk::plan(layout, args.disk_size)? {
+        Ok(plan) => plan,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let absolute = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let config = EffectiveConfig {
+        engine,
+        cores: args.cores,
+        memory_mib: args.memory,
+        disk_bytes: args.disk_size.0,
+        kernel: absolute(&args.kernel),
+        initrd: absolute(&args.initrd),
+        system: args.system.as_deref().map(absolute),
+        idle_timeout_seconds: args.idle_timeout.as_secs(),
+        rosetta: args.rosetta_requested(),
+        share_nix_store: args.share_nix_store(),
+        port: args.port,
+        on_demand: args.on_demand,
+        ephemeral: args.ephemeral,
+        max_jobs: args.max_jobs.unwrap_or(args.cores),
+    };
+    Ok(Ok((config, plan)))
+}
+
+fn require_file(flag: &'static str, path: &Path) -> Result<(), InputError> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(InputError::BadPath { flag, path: path.into(), problem: "is not a file".into() }),
+        Err(e) => Err(InputError::BadPath { flag, path: path.into(), problem: e.to_string() }),
+    }
+}
+
+/// The guest's kernel command line: a NixOS system's own `kernel-params` and its `init`; nothing hard-coded
+/// that the guest should decide. The engine adds its console.
+pub fn kernel_cmdline(system: Option<&Path>) -> Vec<String> {
+    let Some(system) = system else { return Vec::new() };
+    let mut params: Vec<String> = fs::read_to_string(system.join("kernel-params"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter(|p| !p.starts_with("console="))
+        .map(String::from)
+        .collect();
+    params.push(format!("init={}", system.join("init").display()));
+    params
+}
+
+pub fn vm_spec(layout: &Layout, config: &EffectiveConfig, mac: String) -> VmSpec {
+    let mut shares = vec![ShareSpec { tag: TAG_CONFIG.into(), host_path: layout.guest_config_dir(), read_only: true }];
+    if config.share_nix_store {
+        shares.push(ShareSpec { tag: TAG_NIX_STORE.into(), host_path: PathBuf::from("/nix/store"), read_only: true });
+    }
+    VmSpec {
+        cpus: config.cores,
+        memory_mib: config.memory_mib,
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        kernel_cmdline: kernel_cmdline(config.system.as_deref()),
+        disk: DiskSpec { path: layout.disk(), read_only: false },
+        shares,
+        network: NetworkSpec { mac },
+        rosetta: match config.rosetta {
+            Some(true) => RosettaMode::Required,
+            Some(false) => RosettaMode::Off,
+            None => RosettaMode::IfAvailable,
+        },
+        runtime_dir: layout.runtime_dir(),
+        machine_id_file: layout.machine_id_file(),
+    }
+}
+
+/// Writes `settings.json` into the `dvn-config` share, just before each boot.
+pub fn write_guest_settings(layout: &Layout, config: &EffectiveConfig, host_unix_ms: i64) -> Result<(), InstanceError> {
+    let settings = GuestSettings {
+        version: SETTINGS_VERSION,
+        cores: config.cores,
+        memory_mib: config.memory_mib,
+        max_jobs: config.max_jobs,
+        ephemeral: config.ephemeral,
+        agent_port: VSOCK_PORT_AGENT,
+        host_unix_ms,
+    };
+    let json = serde_json::to_vec_pretty(&settings).expect("settings serialize");
+    write_atomic(&layout.guest_config_dir().join(FILE_SETTINGS), &json, 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn start_args(extra: &[&str], kernel: &Path, initrd: &Path) -> StartArgs {
+        let mut argv = vec!["darwin-vz-nix".to_string(), "start".into(), "--kernel".into(), kernel.display().to_string(), "--initrd".into(), initrd.display().to_string()];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Start(s) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn cmdline_comes_from_the_system() {
+        assert!(kernel_cmdline(None).is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("kernel-params"), "loglevel=4 console=ttyS0 net.ifnames=0\n").unwrap();
+        let params = kernel_cmdline(Some(dir.path()));
+        assert_eq!(params, ["loglevel=4".to_string(), "net.ifnames=0".into(), format!("init={}/init", dir.path().display())]);
+    }
+
+    #[test]
+    fn validation_catches_bad_paths_and_engine_mismatches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, i) = (dir.path().join("kernel"), dir.path().join("initrd"));
+        fs::write(&k, "k").unwrap();
+        fs::write(&i, "i").unwrap();
+        let layout = Layout::new(dir.path().join("state"));
+        let (config, plan) = validate_start(&start_args(&[], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
+        assert_eq!(plan, DiskPlan::Create(crate::units::ByteSize(100 << 30)));
+        assert_eq!(config.max_jobs, 4);
+        assert!(!layout.exists(), "validation writes nothing");
+        let missing = start_args(&[], &dir.path().join("nope"), &i);
+        let err = validate_start(&missing, EngineKind::Qemu, &layout).unwrap().unwrap_err().to_string();
+        assert!(err.starts_with("--kernel ") && err.contains("nope"), "{err}");
+        let err = validate_start(&start_args(&["--rosetta"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap_err().to_string();
+        assert!(err.contains("--rosetta needs the vz engine"), "{err}");
+        let err = validate_start(&start_args(&["--system", "/"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap_err().to_string();
+        assert!(err.contains("toplevel"), "{err}");
+    }
+
+    #[test]
+    fn spec_shares_follow_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, i) = (dir.path().join("kernel"), dir.path().join("initrd"));
+        fs::write(&k, "k").unwrap();
+        fs::write(&i, "i").unwrap();
+        let layout = Layout::new(dir.path());
+        let (config, _) = validate_start(&start_args(&["--no-share-nix-store", "--no-rosetta"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
+        let spec = vm_spec(&layout, &config, "02:00:00:00:00:01".into());
+        assert_eq!(spec.shares.iter().map(|s| s.tag.as_str()).collect::<Vec<_>>(), ["dvn-config"]);
+        assert!(spec.shares.iter().all(|s| s.read_only));
+        assert_eq!(spec.rosetta, RosettaMode::Off);
+        let (config, _) = validate_start(&start_args(&[], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
+        let spec = vm_spec(&layout, &config, "02:00:00:00:00:01".into());
+        assert_eq!(spec.shares.iter().map(|s| s.tag.as_str()).collect::<Vec<_>>(), ["dvn-config", "nix-store"]);
+        assert_eq!(spec.rosetta, RosettaMode::IfAvailable);
+    }
+}
