@@ -98,6 +98,12 @@ impl Instance {
         std::env::temp_dir().join(format!("{}.supervisor.log", self.state().file_name().unwrap().to_string_lossy()))
     }
 
+    pub fn console_tail(&self) -> String {
+        let console = fs::read_to_string(self.state().join("console.log")).unwrap_or_default();
+        let lines: Vec<&str> = console.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
@@ -121,7 +127,7 @@ impl Instance {
                     panic!("supervisor exited ({code}) while waiting for '{want}'; log:\n{}", self.log());
                 }
             }
-            assert!(Instant::now() < deadline, "state '{want}' not reached in {timeout:?}; last status {status}; log:\n{}", self.log());
+            assert!(Instant::now() < deadline, "state '{want}' not reached in {timeout:?}; last status {status}; log:\n{}\nconsole:\n{}", self.log(), self.console_tail());
             thread::sleep(Duration::from_millis(200));
         }
     }

@@ -206,7 +206,13 @@ impl Engine for QemuEngine {
             ready?;
         }
         let mut vsock_cmd = Command::new(&self.vhost_vsock);
-        vsock_cmd.arg("--guest-cid=3").arg(format!("--socket={}", sockets.vhost_vsock.display())).arg(format!("--uds-path={}", sockets.vsock_uds.display()));
+        // Devices in one group can reach each other's guests; every VM gets its own group, so concurrent VMs
+        // (which all use guest CID 3) never see each other.
+        vsock_cmd
+            .arg("--guest-cid=3")
+            .arg(format!("--socket={}", sockets.vhost_vsock.display()))
+            .arg(format!("--uds-path={}", sockets.vsock_uds.display()))
+            .arg(format!("--groups=dvn{}", std::process::id()));
         let mut child = spawn(vsock_cmd, "vhost-device-vsock")?;
         let ready = wait_for_socket(&sockets.vhost_vsock, &mut child, "vhost-device-vsock");
         machine.adopt(child, "vhost-device-vsock");
