@@ -40,13 +40,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot the VM and supervise it in the foreground (ssh proxy, idle stop, clock sync).
-    #[command(after_help = "Examples:\n  darwin-vz-nix start --kernel K --initrd I --cores 8 --memory 16384 --disk-size 200G\n  darwin-vz-nix start --kernel K --initrd I --on-demand --idle-timeout 15m --port 31122")]
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix start --kernel K --initrd I --cores 8 --memory 16384 --disk-size 200G\n  darwin-vz-nix start --kernel K --initrd I --on-demand --idle-timeout 15m --port 31122"
+    )]
     Start(StartArgs),
     /// Create the state directory, ssh keys and pinned known_hosts (idempotent; used by the nix-darwin module).
     Init,
     /// Open an ssh session in the guest as `builder`. Options before `--` go to ssh, words after it are the
     /// remote command.
-    #[command(after_help = "Examples:\n  darwin-vz-nix ssh\n  darwin-vz-nix ssh -- nix-store --version\n  darwin-vz-nix ssh -v -- uname -a")]
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix ssh\n  darwin-vz-nix ssh -- nix-store --version\n  darwin-vz-nix ssh -v -- uname -a"
+    )]
     Ssh {
         /// Options passed to ssh (e.g. -v, -L 8080:localhost:80).
         #[arg(allow_hyphen_values = true, value_name = "SSH-OPTION")]

@@ -169,7 +169,9 @@ fn stop(layout: &Layout, force: bool, timeout: Duration) -> Result<ExitCode> {
 /// Signals the supervisor, only if the pid file provably names it (pid and start time).
 fn signal_supervisor(layout: &Layout, kill: bool) -> Result<()> {
     use nix::sys::signal::{Signal, kill as send};
-    let record = PidRecord::read(layout).filter(PidRecord::is_live).context("the lock is held but vm.pid does not name a live darwin-vz-nix; not signalling anything")?;
+    let record = PidRecord::read(layout)
+        .filter(PidRecord::is_live)
+        .context("the lock is held but vm.pid does not name a live darwin-vz-nix; not signalling anything")?;
     let signal = if kill { Signal::SIGKILL } else { Signal::SIGTERM };
     send(nix::unistd::Pid::from_raw(record.pid as i32), signal).with_context(|| format!("sending {signal} to pid {}", record.pid))?;
     Ok(())
@@ -315,7 +317,9 @@ fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {
     }
     let _lock = InstanceLock::acquire(layout)?;
     disk::remove(layout)?;
-    for file in [layout.console_log(), layout.guest_ip(), layout.pid_file(), layout.config_file(), layout.machine_id_file(), layout.mac_file()] {
+    for file in
+        [layout.console_log(), layout.guest_ip(), layout.pid_file(), layout.config_file(), layout.machine_id_file(), layout.mac_file()]
+    {
         remove_if_exists(&file)?;
     }
     let _ = fs::remove_dir_all(layout.runtime_dir());

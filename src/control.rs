@@ -15,9 +15,13 @@ use crate::agent::protocol::{self, ProtocolError};
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum ControlRequest {
     Status,
-    Stop { force: bool },
+    Stop {
+        force: bool,
+    },
     /// Test hook: move the guest's clock by this many seconds.
-    ShiftGuestClock { seconds: i64 },
+    ShiftGuestClock {
+        seconds: i64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,21 +46,13 @@ pub struct Check {
 
 impl Check {
     fn new(name: &str, status: CheckStatus, detail: impl Into<String>) -> Self {
-        Check {
-            name: name.into(),
-            status,
-            detail: detail.into(),
-        }
+        Check { name: name.into(), status, detail: detail.into() }
     }
 }
 
 /// The worst status of `checks` (Ok when empty); the CLI can map Fail to a non-zero exit.
 pub fn worst(checks: &[Check]) -> CheckStatus {
-    checks
-        .iter()
-        .map(|c| c.status)
-        .max()
-        .unwrap_or(CheckStatus::Ok)
+    checks.iter().map(|c| c.status).max().unwrap_or(CheckStatus::Ok)
 }
 
 /// Runs every check for this platform. `port` is the host port the builder's ssh is served on.
@@ -69,9 +61,7 @@ pub fn run_checks(port: u16) -> Vec<Check> {
     #[cfg(target_os = "macos")]
     {
         checks.push(mac::apple_silicon());
-        checks.push(check_macos_version(
-            mac::sysctl_string("kern.osproductversion").as_deref(),
-        ));
+        checks.push(check_macos_version(mac::sysctl_string("kern.osproductversion").as_deref()));
         checks.push(mac::entitlement());
         checks.push(mac::rosetta());
     }
@@ -96,21 +86,13 @@ pub fn parse_macos_version(s: &str) -> Option<(u32, u32)> {
 pub fn check_macos_version(version: Option<&str>) -> Check {
     const NAME: &str = "macos-version";
     match version.and_then(|v| parse_macos_version(v).map(|p| (v.trim(), p))) {
-        Some((v, (major, _))) if major >= 13 => {
-            Check::new(NAME, CheckStatus::Ok, format!("macOS {v}"))
-        }
+        Some((v, (major, _))) if major >= 13 => Check::new(NAME, CheckStatus::Ok, format!("macOS {v}")),
         Some((v, _)) => Check::new(
             NAME,
             CheckStatus::Fail,
-            format!(
-                "macOS {v}; darwin-vz-nix needs macOS 13 (Ventura) or later for Linux VMs with Rosetta and virtio-fs"
-            ),
+            format!("macOS {v}; darwin-vz-nix needs macOS 13 (Ventura) or later for Linux VMs with Rosetta and virtio-fs"),
         ),
-        None => Check::new(
-            NAME,
-            CheckStatus::Warn,
-            "could not read the macOS version (sysctl kern.osproductversion)",
-        ),
+        None => Check::new(NAME, CheckStatus::Warn, "could not read the macOS version (sysctl kern.osproductversion)"),
     }
 }
 
@@ -126,16 +108,10 @@ pub fn check_apple_silicon(arm64_hw: Option<bool>, translated: bool) -> Check {
             "this is an Apple silicon Mac, but darwin-vz-nix runs as an x86_64 binary under Rosetta; install the arm64 (aarch64-darwin) build",
         ),
         Some(true) => Check::new(NAME, CheckStatus::Ok, "Apple silicon"),
-        Some(false) => Check::new(
-            NAME,
-            CheckStatus::Fail,
-            "this is an Intel Mac; the builder VM needs Apple silicon (aarch64-linux guests)",
-        ),
-        None => Check::new(
-            NAME,
-            CheckStatus::Warn,
-            "could not tell the CPU type (sysctl hw.optional.arm64)",
-        ),
+        Some(false) => {
+            Check::new(NAME, CheckStatus::Fail, "this is an Intel Mac; the builder VM needs Apple silicon (aarch64-linux guests)")
+        }
+        None => Check::new(NAME, CheckStatus::Warn, "could not tell the CPU type (sysctl hw.optional.arm64)"),
     }
 }
 
@@ -161,62 +137,33 @@ pub fn entitlement_granted(codesign_output: &str, key: &str) -> bool {
 /// from starting codesign.
 pub fn check_entitlement(exe: &Path, codesign: Result<(bool, String), io::Error>) -> Check {
     const NAME: &str = "entitlement";
-    let fix = format!(
-        "sign it: codesign --force --sign - --entitlements macos/entitlements.plist {}",
-        exe.display()
-    );
+    let fix = format!("sign it: codesign --force --sign - --entitlements macos/entitlements.plist {}", exe.display());
     match codesign {
-        Err(e) => Check::new(
-            NAME,
-            CheckStatus::Warn,
-            format!(
-                "could not run codesign ({e}); cannot tell whether {} is signed",
-                exe.display()
-            ),
-        ),
-        Ok((_, out)) if out.contains("not signed at all") => Check::new(
-            NAME,
-            CheckStatus::Fail,
-            format!("{} is not signed; {fix}", exe.display()),
-        ),
-        Ok((_, out)) if entitlement_granted(&out, VIRTUALIZATION_ENTITLEMENT) => Check::new(
-            NAME,
-            CheckStatus::Ok,
-            format!("{} carries {VIRTUALIZATION_ENTITLEMENT}", exe.display()),
-        ),
-        Ok((true, _)) => Check::new(
-            NAME,
-            CheckStatus::Fail,
-            format!(
-                "{} lacks the {VIRTUALIZATION_ENTITLEMENT} entitlement; {fix}",
-                exe.display()
-            ),
-        ),
-        Ok((false, out)) => Check::new(
-            NAME,
-            CheckStatus::Fail,
-            format!(
-                "codesign could not read {}'s signature ({}); {fix}",
-                exe.display(),
-                out.trim()
-            ),
-        ),
+        Err(e) => {
+            Check::new(NAME, CheckStatus::Warn, format!("could not run codesign ({e}); cannot tell whether {} is signed", exe.display()))
+        }
+        Ok((_, out)) if out.contains("not signed at all") => {
+            Check::new(NAME, CheckStatus::Fail, format!("{} is not signed; {fix}", exe.display()))
+        }
+        Ok((_, out)) if entitlement_granted(&out, VIRTUALIZATION_ENTITLEMENT) => {
+            Check::new(NAME, CheckStatus::Ok, format!("{} carries {VIRTUALIZATION_ENTITLEMENT}", exe.display()))
+        }
+        Ok((true, _)) => {
+            Check::new(NAME, CheckStatus::Fail, format!("{} lacks the {VIRTUALIZATION_ENTITLEMENT} entitlement; {fix}", exe.display()))
+        }
+        Ok((false, out)) => {
+            Check::new(NAME, CheckStatus::Fail, format!("codesign could not read {}'s signature ({}); {fix}", exe.display(), out.trim()))
+        }
     }
 }
 
 // ---------- Rosetta ----------
 
 pub fn check_rosetta(availability: crate::engine::vz::rules::RosettaAvailability) -> Check {
-    use crate::engine::vz::rules::{
-        ENV_INSTALL_ROSETTA, ROSETTA_INSTALL_COMMAND, RosettaAvailability,
-    };
+    use crate::engine::vz::rules::{ENV_INSTALL_ROSETTA, ROSETTA_INSTALL_COMMAND, RosettaAvailability};
     const NAME: &str = "rosetta";
     match availability {
-        RosettaAvailability::Installed => Check::new(
-            NAME,
-            CheckStatus::Ok,
-            "Rosetta is installed (x86_64-linux builds available)",
-        ),
+        RosettaAvailability::Installed => Check::new(NAME, CheckStatus::Ok, "Rosetta is installed (x86_64-linux builds available)"),
         RosettaAvailability::NotInstalled => Check::new(
             NAME,
             CheckStatus::Warn,
@@ -246,10 +193,7 @@ pub fn parse_lsof(output: &str) -> Vec<PortHolder> {
     let mut holders: Vec<PortHolder> = Vec::new();
     for line in output.lines() {
         if let Some(pid) = line.strip_prefix('p').and_then(|p| p.trim().parse().ok()) {
-            holders.push(PortHolder {
-                pid,
-                command: String::new(),
-            });
+            holders.push(PortHolder { pid, command: String::new() });
         } else if let (Some(cmd), Some(last)) = (line.strip_prefix('c'), holders.last_mut()) {
             last.command = cmd.trim().to_string();
         }
@@ -265,53 +209,30 @@ pub fn port_verdict(port: u16, bind: Result<(), io::ErrorKind>, holders: &[PortH
         Ok(()) => Check::new(NAME, CheckStatus::Ok, format!("127.0.0.1:{port} is free")),
         Err(io::ErrorKind::AddrInUse) => {
             let who = if holders.is_empty() {
-                "another process (could not tell which; try `lsof -nP -iTCP:".to_string()
-                    + &port.to_string()
-                    + " -sTCP:LISTEN`)"
+                "another process (could not tell which; try `lsof -nP -iTCP:".to_string() + &port.to_string() + " -sTCP:LISTEN`)"
             } else {
-                holders
-                    .iter()
-                    .map(|h| format!("{} (pid {})", h.command, h.pid))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                holders.iter().map(|h| format!("{} (pid {})", h.command, h.pid)).collect::<Vec<_>>().join(", ")
             };
-            if holders
-                .iter()
-                .any(|h| h.command.starts_with("darwin-vz-nix"))
-            {
+            if holders.iter().any(|h| h.command.starts_with("darwin-vz-nix")) {
                 return Check::new(
                     NAME,
                     CheckStatus::Warn,
-                    format!(
-                        "127.0.0.1:{port} is held by {who}: a darwin-vz-nix instance already serves it"
-                    ),
+                    format!("127.0.0.1:{port} is held by {who}: a darwin-vz-nix instance already serves it"),
                 );
             }
-            let builder_hint = if port == LINUX_BUILDER_PORT
-                || holders.iter().any(|h| h.command.starts_with("qemu-system"))
-            {
+            let builder_hint = if port == LINUX_BUILDER_PORT || holders.iter().any(|h| h.command.starts_with("qemu-system")) {
                 "; this is probably nix-darwin's nix.linux-builder: set `nix.linux-builder.enable = false` (or pick another port)"
             } else {
                 "; stop that process or choose another port"
             };
-            Check::new(
-                NAME,
-                CheckStatus::Fail,
-                format!("127.0.0.1:{port} is held by {who}{builder_hint}"),
-            )
+            Check::new(NAME, CheckStatus::Fail, format!("127.0.0.1:{port} is held by {who}{builder_hint}"))
         }
-        Err(kind) => Check::new(
-            NAME,
-            CheckStatus::Warn,
-            format!("could not test 127.0.0.1:{port}: {kind}"),
-        ),
+        Err(kind) => Check::new(NAME, CheckStatus::Warn, format!("could not test 127.0.0.1:{port}: {kind}")),
     }
 }
 
 pub fn check_port(port: u16) -> Check {
-    let bind = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-        .map(drop)
-        .map_err(|e| e.kind());
+    let bind = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map(drop).map_err(|e| e.kind());
     let holders = if bind.is_err() {
         Command::new("lsof")
             .args(["-nP", &format!("-iTCP:{port}"), "-sTCP:LISTEN", "-F", "pc"])
@@ -328,31 +249,19 @@ pub fn check_port(port: u16) -> Check {
 
 /// The first `name` found in the directories of `path_var` (a `PATH` value) that is an executable file.
 pub fn find_in_path(name: &str, path_var: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
-    std::env::split_paths(path_var?)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
+    std::env::split_paths(path_var?).map(|d| d.join(name)).find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// The verdict for a required program: `found` is where it is, if anywhere.
 pub fn program_verdict(name: &str, found: Option<&Path>, required: bool, hint: &str) -> Check {
     match found {
         Some(p) => Check::new(name, CheckStatus::Ok, p.display().to_string()),
-        None => Check::new(
-            name,
-            if required {
-                CheckStatus::Fail
-            } else {
-                CheckStatus::Warn
-            },
-            format!("{name} was not found; {hint}"),
-        ),
+        None => Check::new(name, if required { CheckStatus::Fail } else { CheckStatus::Warn }, format!("{name} was not found; {hint}")),
     }
 }
 
@@ -363,11 +272,7 @@ mod linux {
     pub(super) fn checks() -> Vec<Check> {
         let path = std::env::var_os("PATH");
         let path = path.as_deref();
-        let host_qemu = if cfg!(target_arch = "aarch64") {
-            "qemu-system-aarch64"
-        } else {
-            "qemu-system-x86_64"
-        };
+        let host_qemu = if cfg!(target_arch = "aarch64") { "qemu-system-aarch64" } else { "qemu-system-x86_64" };
         let mut out = Vec::new();
         for qemu in ["qemu-system-aarch64", "qemu-system-x86_64"] {
             let required = qemu == host_qemu;
@@ -376,12 +281,7 @@ mod linux {
             } else {
                 "only needed for guests of the other architecture"
             };
-            out.push(program_verdict(
-                qemu,
-                find_in_path(qemu, path).as_deref(),
-                required,
-                hint,
-            ));
+            out.push(program_verdict(qemu, find_in_path(qemu, path).as_deref(), required, hint));
         }
         let virtiofsd = ["/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd"]
             .iter()
@@ -400,14 +300,7 @@ mod linux {
             true,
             "install vhost-device-vsock (nixpkgs#vhost-device-vsock, or `cargo install vhost-device-vsock`)",
         ));
-        out.push(kvm_verdict(
-            Path::new("/dev/kvm").exists(),
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .is_ok(),
-        ));
+        out.push(kvm_verdict(Path::new("/dev/kvm").exists(), std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()));
         out
     }
 }
@@ -421,11 +314,7 @@ pub fn kvm_verdict(exists: bool, accessible: bool) -> Check {
             CheckStatus::Warn,
             "/dev/kvm exists but this user cannot open it; add the user to the `kvm` group and log in again",
         ),
-        (false, _) => Check::new(
-            "kvm",
-            CheckStatus::Warn,
-            "/dev/kvm is missing; QEMU would have to emulate the CPU (very slow)",
-        ),
+        (false, _) => Check::new("kvm", CheckStatus::Warn, "/dev/kvm is missing; QEMU would have to emulate the CPU (very slow)"),
     }
 }
 
@@ -439,30 +328,12 @@ mod mac {
         let cname = CString::new(name).ok()?;
         let mut len: libc::size_t = 0;
         // SAFETY: size query with a null buffer.
-        if unsafe {
-            libc::sysctlbyname(
-                cname.as_ptr(),
-                std::ptr::null_mut(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        } != 0
-        {
+        if unsafe { libc::sysctlbyname(cname.as_ptr(), std::ptr::null_mut(), &mut len, std::ptr::null_mut(), 0) } != 0 {
             return None;
         }
         let mut buf = vec![0u8; len];
         // SAFETY: `buf` has `len` bytes.
-        if unsafe {
-            libc::sysctlbyname(
-                cname.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        } != 0
-        {
+        if unsafe { libc::sysctlbyname(cname.as_ptr(), buf.as_mut_ptr().cast(), &mut len, std::ptr::null_mut(), 0) } != 0 {
             return None;
         }
         buf.truncate(len);
@@ -475,15 +346,7 @@ mod mac {
         let mut value: i32 = 0;
         let mut len: libc::size_t = std::mem::size_of::<i32>();
         // SAFETY: `value` is an i32 and `len` its size.
-        let rc = unsafe {
-            libc::sysctlbyname(
-                cname.as_ptr(),
-                (&mut value as *mut i32).cast(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        };
+        let rc = unsafe { libc::sysctlbyname(cname.as_ptr(), (&mut value as *mut i32).cast(), &mut len, std::ptr::null_mut(), 0) };
         (rc == 0).then_some(value)
     }
 
@@ -497,22 +360,14 @@ mod mac {
         let exe = match std::env::current_exe() {
             Ok(p) => p,
             Err(e) => {
-                return Check::new(
-                    "entitlement",
-                    CheckStatus::Warn,
-                    format!("cannot locate this binary: {e}"),
-                );
+                return Check::new("entitlement", CheckStatus::Warn, format!("cannot locate this binary: {e}"));
             }
         };
-        let out = Command::new("/usr/bin/codesign")
-            .args(["-d", "--entitlements", "-"])
-            .arg(&exe)
-            .output()
-            .map(|o| {
-                let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
-                text.push_str(&String::from_utf8_lossy(&o.stderr));
-                (o.status.success(), text)
-            });
+        let out = Command::new("/usr/bin/codesign").args(["-d", "--entitlements", "-"]).arg(&exe).output().map(|o| {
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            (o.status.success(), text)
+        });
         check_entitlement(&exe, out)
     }
 
@@ -541,19 +396,9 @@ mod tests {
 
     #[test]
     fn apple_silicon_verdicts() {
-        assert_eq!(
-            check_apple_silicon(Some(true), false).status,
-            CheckStatus::Ok
-        );
-        assert!(
-            check_apple_silicon(Some(true), true)
-                .detail
-                .contains("under Rosetta")
-        );
-        assert_eq!(
-            check_apple_silicon(Some(false), false).status,
-            CheckStatus::Fail
-        );
+        assert_eq!(check_apple_silicon(Some(true), false).status, CheckStatus::Ok);
+        assert!(check_apple_silicon(Some(true), true).detail.contains("under Rosetta"));
+        assert_eq!(check_apple_silicon(Some(false), false).status, CheckStatus::Fail);
         assert_eq!(check_apple_silicon(None, false).status, CheckStatus::Warn);
     }
 
@@ -565,40 +410,21 @@ mod tests {
     fn entitlement_parsing() {
         assert!(entitlement_granted(XML, VIRTUALIZATION_ENTITLEMENT));
         assert!(entitlement_granted(DICT, VIRTUALIZATION_ENTITLEMENT));
-        assert!(!entitlement_granted(
-            &DICT.replace("true", "false"),
-            VIRTUALIZATION_ENTITLEMENT
-        ));
-        assert!(!entitlement_granted(
-            &XML.replace("<true/>", "<false/>"),
-            VIRTUALIZATION_ENTITLEMENT
-        ));
+        assert!(!entitlement_granted(&DICT.replace("true", "false"), VIRTUALIZATION_ENTITLEMENT));
+        assert!(!entitlement_granted(&XML.replace("<true/>", "<false/>"), VIRTUALIZATION_ENTITLEMENT));
         // Another key true, ours false.
         let mixed = "<key>com.apple.security.virtualization</key><false/><key>com.apple.vm.networking</key><true/>";
         assert!(!entitlement_granted(mixed, VIRTUALIZATION_ENTITLEMENT));
-        assert!(!entitlement_granted(
-            "Executable=/x\n",
-            VIRTUALIZATION_ENTITLEMENT
-        ));
+        assert!(!entitlement_granted("Executable=/x\n", VIRTUALIZATION_ENTITLEMENT));
     }
 
     #[test]
     fn entitlement_verdicts() {
         let exe = Path::new("/usr/local/bin/darwin-vz-nix");
-        assert_eq!(
-            check_entitlement(exe, Ok((true, XML.into()))).status,
-            CheckStatus::Ok
-        );
-        let unsigned = check_entitlement(
-            exe,
-            Ok((false, "/x: code object is not signed at all\n".into())),
-        );
+        assert_eq!(check_entitlement(exe, Ok((true, XML.into()))).status, CheckStatus::Ok);
+        let unsigned = check_entitlement(exe, Ok((false, "/x: code object is not signed at all\n".into())));
         assert_eq!(unsigned.status, CheckStatus::Fail);
-        assert!(
-            unsigned
-                .detail
-                .contains("codesign --force --sign - --entitlements macos/entitlements.plist")
-        );
+        assert!(unsigned.detail.contains("codesign --force --sign - --entitlements macos/entitlements.plist"));
         let lacking = check_entitlement(exe, Ok((true, "Executable=/x\n".into())));
         assert!(lacking.status == CheckStatus::Fail && lacking.detail.contains("lacks"));
         let missing = check_entitlement(exe, Err(io::Error::from(io::ErrorKind::NotFound)));
@@ -607,16 +433,10 @@ mod tests {
 
     #[test]
     fn rosetta_verdicts() {
-        assert_eq!(
-            check_rosetta(RosettaAvailability::Installed).status,
-            CheckStatus::Ok
-        );
+        assert_eq!(check_rosetta(RosettaAvailability::Installed).status, CheckStatus::Ok);
         let ni = check_rosetta(RosettaAvailability::NotInstalled);
         assert!(ni.status == CheckStatus::Warn && ni.detail.contains(ROSETTA_INSTALL_COMMAND));
-        assert_eq!(
-            check_rosetta(RosettaAvailability::NotSupported).status,
-            CheckStatus::Warn
-        );
+        assert_eq!(check_rosetta(RosettaAvailability::NotSupported).status, CheckStatus::Warn);
     }
 
     #[test]
@@ -624,16 +444,7 @@ mod tests {
         let out = "p812\ncqemu-system-aarch64\nf12\np900\ncsshd\n";
         assert_eq!(
             parse_lsof(out),
-            vec![
-                PortHolder {
-                    pid: 812,
-                    command: "qemu-system-aarch64".into()
-                },
-                PortHolder {
-                    pid: 900,
-                    command: "sshd".into()
-                }
-            ]
+            vec![PortHolder { pid: 812, command: "qemu-system-aarch64".into() }, PortHolder { pid: 900, command: "sshd".into() }]
         );
         assert!(parse_lsof("").is_empty());
     }
@@ -641,35 +452,15 @@ mod tests {
     #[test]
     fn port_verdicts() {
         assert_eq!(port_verdict(31022, Ok(()), &[]).status, CheckStatus::Ok);
-        let qemu = [PortHolder {
-            pid: 812,
-            command: "qemu-system-aarch64".into(),
-        }];
+        let qemu = [PortHolder { pid: 812, command: "qemu-system-aarch64".into() }];
         let c = port_verdict(31022, Err(io::ErrorKind::AddrInUse), &qemu);
         assert_eq!(c.status, CheckStatus::Fail);
-        assert!(
-            c.detail.contains("qemu-system-aarch64 (pid 812)")
-                && c.detail.contains("nix.linux-builder"),
-            "{}",
-            c.detail
-        );
+        assert!(c.detail.contains("qemu-system-aarch64 (pid 812)") && c.detail.contains("nix.linux-builder"), "{}", c.detail);
         let unknown = port_verdict(2222, Err(io::ErrorKind::AddrInUse), &[]);
-        assert!(
-            unknown.detail.contains("could not tell which")
-                && !unknown.detail.contains("linux-builder")
-        );
-        let ours = [PortHolder {
-            pid: 5,
-            command: "darwin-vz-nix".into(),
-        }];
-        assert_eq!(
-            port_verdict(2222, Err(io::ErrorKind::AddrInUse), &ours).status,
-            CheckStatus::Warn
-        );
-        assert_eq!(
-            port_verdict(2222, Err(io::ErrorKind::PermissionDenied), &[]).status,
-            CheckStatus::Warn
-        );
+        assert!(unknown.detail.contains("could not tell which") && !unknown.detail.contains("linux-builder"));
+        let ours = [PortHolder { pid: 5, command: "darwin-vz-nix".into() }];
+        assert_eq!(port_verdict(2222, Err(io::ErrorKind::AddrInUse), &ours).status, CheckStatus::Warn);
+        assert_eq!(port_verdict(2222, Err(io::ErrorKind::PermissionDenied), &[]).status, CheckStatus::Warn);
     }
 
     #[test]
@@ -691,24 +482,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = std::env::join_paths([Path::new("/nonexistent"), dir.path()]).unwrap();
-        assert_eq!(
-            find_in_path("vhost-device-vsock", Some(&path)),
-            Some(exe.clone())
-        );
+        assert_eq!(find_in_path("vhost-device-vsock", Some(&path)), Some(exe.clone()));
         assert_eq!(find_in_path("virtiofsd", Some(&path)), None);
         assert_eq!(find_in_path("x", None), None);
-        assert_eq!(
-            program_verdict("v", Some(&exe), true, "h").status,
-            CheckStatus::Ok
-        );
-        assert_eq!(
-            program_verdict("v", None, true, "h").status,
-            CheckStatus::Fail
-        );
-        assert_eq!(
-            program_verdict("v", None, false, "h").status,
-            CheckStatus::Warn
-        );
+        assert_eq!(program_verdict("v", Some(&exe), true, "h").status, CheckStatus::Ok);
+        assert_eq!(program_verdict("v", None, true, "h").status, CheckStatus::Fail);
+        assert_eq!(program_verdict("v", None, false, "h").status, CheckStatus::Warn);
     }
 
     #[test]

@@ -23,17 +23,27 @@ pub enum InputError {
 }
 
 /// Checks a start request without writing anything; returns the effective configuration and the disk plan.
-pub fn validate_start(args: &StartArgs, engine: EngineKind, layout: &Layout) -> Result<Result<(EffectiveConfig, DiskPlan), InputError>, InstanceError> {
+pub fn validate_start(
+    args: &StartArgs,
+    engine: EngineKind,
+    layout: &Layout,
+) -> Result<Result<(EffectiveConfig, DiskPlan), InputError>, InstanceError> {
     let check = || -> Result<(), InputError> {
         require_file("--kernel", &args.kernel)?;
         require_file("--initrd", &args.initrd)?;
         if let Some(system) = &args.system {
             if !system.join("init").exists() {
-                return Err(InputError::BadPath { flag: "--system", path: system.clone(), problem: "has no `init`: pass a NixOS system toplevel (the result of building config.system.build.toplevel)".into() });
+                return Err(InputError::BadPath {
+                    flag: "--system",
+                    path: system.clone(),
+                    problem: "has no `init`: pass a NixOS system toplevel (the result of building config.system.build.toplevel)".into(),
+                });
             }
         }
         if engine == EngineKind::Qemu && args.rosetta_requested() == Some(true) {
-            return Err(InputError::Unsupported("--rosetta needs the vz engine on Apple silicon; with --engine qemu use --no-rosetta or leave it out".into()));
+            return Err(InputError::Unsupported(
+                "--rosetta needs the vz engine on Apple silicon; with --engine qemu use --no-rosetta or leave it out".into(),
+            ));
         }
         if cfg!(not(target_os = "macos")) && engine == EngineKind::Vz {
             return Err(InputError::Unsupported("--engine vz needs macOS (Virtualization.framework); use --engine qemu here".into()));
@@ -134,7 +144,14 @@ mod tests {
     use clap::Parser;
 
     fn start_args(extra: &[&str], kernel: &Path, initrd: &Path) -> StartArgs {
-        let mut argv = vec!["darwin-vz-nix".to_string(), "start".into(), "--kernel".into(), kernel.display().to_string(), "--initrd".into(), initrd.display().to_string()];
+        let mut argv = vec![
+            "darwin-vz-nix".to_string(),
+            "start".into(),
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--initrd".into(),
+            initrd.display().to_string(),
+        ];
         argv.extend(extra.iter().map(|s| s.to_string()));
         match crate::cli::Cli::try_parse_from(argv).unwrap().command {
             crate::cli::Command::Start(s) => s,
@@ -178,7 +195,8 @@ mod tests {
         fs::write(&k, "k").unwrap();
         fs::write(&i, "i").unwrap();
         let layout = Layout::new(dir.path());
-        let (config, _) = validate_start(&start_args(&["--no-share-nix-store", "--no-rosetta"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
+        let (config, _) =
+            validate_start(&start_args(&["--no-share-nix-store", "--no-rosetta"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
         let spec = vm_spec(&layout, &config, "02:00:00:00:00:01".into());
         assert_eq!(spec.shares.iter().map(|s| s.tag.as_str()).collect::<Vec<_>>(), ["dvn-config"]);
         assert!(spec.shares.iter().all(|s| s.read_only));

@@ -14,7 +14,7 @@ pub mod launch;
 pub mod listener;
 pub mod progress;
 pub mod relay;
-pub mod ssh;
 pub mod spec;
+pub mod ssh;
 pub mod supervisor;
 pub mod units;

@@ -118,7 +118,14 @@ pub enum Outcome {
 }
 
 impl Supervisor {
-    pub fn new(layout: Layout, config: EffectiveConfig, spec: VmSpec, engine: Box<dyn Engine>, listener: TcpListener, options: Options) -> io::Result<Self> {
+    pub fn new(
+        layout: Layout,
+        config: EffectiveConfig,
+        spec: VmSpec,
+        engine: Box<dyn Engine>,
+        listener: TcpListener,
+        options: Options,
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared {
@@ -192,7 +199,9 @@ impl Supervisor {
                     return Ok(Outcome::Stopped);
                 }
                 Ok(Event::ShiftClock { seconds, reply }) => {
-                    let result = self.with_machine(|m| agent::set_time(m, now_unix_ms() + seconds * 1000).map(|t| t.offset_ms).map_err(|e| e.to_string()));
+                    let result = self.with_machine(|m| {
+                        agent::set_time(m, now_unix_ms() + seconds * 1000).map(|t| t.offset_ms).map_err(|e| e.to_string())
+                    });
                     let _ = reply.send(result.unwrap_or_else(|| Err("the VM is not running".into())));
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -349,7 +358,10 @@ impl Supervisor {
                 }
             }
             if let Ok(Some(reason)) = machine.wait(Some(Duration::ZERO)) {
-                return Err(SupervisorError::Boot(format!("the VM stopped during boot ({reason:?}); see {}", self.layout.console_log().display())));
+                return Err(SupervisorError::Boot(format!(
+                    "the VM stopped during boot ({reason:?}); see {}",
+                    self.layout.console_log().display()
+                )));
             }
             if Instant::now() > deadline {
                 let _ = machine.force_stop();
@@ -611,7 +623,8 @@ fn handle_control(shared: &Shared, base: &StatusBase, request: ControlRequest) -
 
 fn live_status(shared: &Shared, base: &StatusBase) -> StatusReport {
     let live = shared.live();
-    let idle = (live.state == VmState::Running && live.connections == 0 && live.builds_in_flight == 0).then(|| live.last_busy.elapsed().as_secs_f64());
+    let idle = (live.state == VmState::Running && live.connections == 0 && live.builds_in_flight == 0)
+        .then(|| live.last_busy.elapsed().as_secs_f64());
     StatusReport {
         running: true,
         pid: Some(std::process::id()),

@@ -19,7 +19,20 @@ fn help_and_version() {
     assert!(version.status.success());
     assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
     let start_help = String::from_utf8_lossy(&i.run(&["start", "--help"]).stdout).into_owned();
-    for flag in ["--cores", "--memory", "--disk-size", "--kernel", "--initrd", "--system", "--idle-timeout", "--no-rosetta", "--no-share-nix-store", "--port", "--on-demand", "--verbose"] {
+    for flag in [
+        "--cores",
+        "--memory",
+        "--disk-size",
+        "--kernel",
+        "--initrd",
+        "--system",
+        "--idle-timeout",
+        "--no-rosetta",
+        "--no-share-nix-store",
+        "--port",
+        "--on-demand",
+        "--verbose",
+    ] {
         assert!(start_help.contains(flag), "start --help lacks {flag}");
     }
 }

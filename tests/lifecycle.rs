@@ -92,7 +92,8 @@ fn second_start_fails_fast_while_the_first_runs() {
     vm.start_ready(&[]);
     let (kernel, initrd) = common::guest();
     let started = Instant::now();
-    let out = vm.run(&["start", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--disk-size", "2G", "--port", "0"]);
+    let out =
+        vm.run(&["start", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--disk-size", "2G", "--port", "0"]);
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -181,7 +182,18 @@ fn openssh_reaches_the_guest_through_the_loopback_port_directly() {
     let key = vm.state().join("ssh/id_ed25519");
     let known = vm.state().join("ssh/known_hosts");
     let out = std::process::Command::new("ssh")
-        .args(["-i", key.to_str().unwrap(), "-p", &port, "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=darwin-vz-nix", "-o", "BatchMode=yes"])
+        .args([
+            "-i",
+            key.to_str().unwrap(),
+            "-p",
+            &port,
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "HostKeyAlias=darwin-vz-nix",
+            "-o",
+            "BatchMode=yes",
+        ])
         .arg(format!("-oUserKnownHostsFile={}", known.display()))
         .args(["builder@127.0.0.1", "uname", "-s"])
         .output()

@@ -211,11 +211,8 @@ pub fn count_builds(proc_root: &Path, build_uids: &HashSet<u32>) -> u32 {
     }
     let daemons: HashSet<u32> = processes.iter().filter(|p| p.2 == "nix-daemon").map(|p| p.0).collect();
     let workers = processes.iter().filter(|p| p.2 == "nix-daemon" && daemons.contains(&p.1)).count() as u32;
-    let builders: HashSet<u32> = processes
-        .iter()
-        .filter_map(|p| p.3)
-        .filter(|uid| build_uids.contains(uid) || *uid >= AUTO_ALLOCATED_BUILD_UID_BASE)
-        .collect();
+    let builders: HashSet<u32> =
+        processes.iter().filter_map(|p| p.3).filter(|uid| build_uids.contains(uid) || *uid >= AUTO_ALLOCATED_BUILD_UID_BASE).collect();
     workers.max(builders.len() as u32)
 }
 

@@ -27,7 +27,9 @@ pub enum Request {
     Hello,
     Status,
     /// Set the guest's wall clock; the answer carries the offset the guest had (guest - host).
-    SetTime { unix_ms: i64 },
+    SetTime {
+        unix_ms: i64,
+    },
     /// Clean shutdown of the guest (sync, stop services, power off).
     Poweroff,
 }

@@ -142,9 +142,7 @@ impl EffectiveConfig {
     pub fn load(layout: &Layout) -> Result<Option<Self>, InstanceError> {
         let path = layout.config_file();
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| InstanceError::Corrupt { path, reason: e.to_string() }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| InstanceError::Corrupt { path, reason: e.to_string() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(InstanceError::Io { path, source: e }),
         }

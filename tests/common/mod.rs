@@ -81,7 +81,8 @@ impl Instance {
         }
         let (kernel, initrd) = guest();
         let log = File::options().create(true).append(true).open(self.log_path()).unwrap();
-        let mut args: Vec<String> = vec!["start".into(), "--kernel".into(), kernel.display().to_string(), "--initrd".into(), initrd.display().to_string()];
+        let mut args: Vec<String> =
+            vec!["start".into(), "--kernel".into(), kernel.display().to_string(), "--initrd".into(), initrd.display().to_string()];
         for (flag, default) in [("--cores", "2"), ("--memory", "1024"), ("--disk-size", "2G"), ("--port", "0")] {
             if !extra.contains(&flag) {
                 args.push(flag.into());
@@ -127,7 +128,12 @@ impl Instance {
                     panic!("supervisor exited ({code}) while waiting for '{want}'; log:\n{}", self.log());
                 }
             }
-            assert!(Instant::now() < deadline, "state '{want}' not reached in {timeout:?}; last status {status}; log:\n{}\nconsole:\n{}", self.log(), self.console_tail());
+            assert!(
+                Instant::now() < deadline,
+                "state '{want}' not reached in {timeout:?}; last status {status}; log:\n{}\nconsole:\n{}",
+                self.log(),
+                self.console_tail()
+            );
             thread::sleep(Duration::from_millis(200));
         }
     }
@@ -225,8 +231,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
 }
 
 pub fn pid_alive(pid: u64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+    Path::new(&format!("/proc/{pid}")).exists() && !fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
 }
 
 /// Every file under `dir` with its bytes and mode, to prove a command changed nothing.

@@ -51,12 +51,21 @@ impl QemuEngine {
     pub fn detect() -> Result<Self, EngineError> {
         let arch = Arch::host();
         let missing = |what: &str, hint: &str| EngineError::Missing { what: what.into(), hint: hint.into() };
-        let qemu = find_program("DVN_QEMU", &[arch.qemu_binary()], &[])
-            .ok_or_else(|| missing(arch.qemu_binary(), "install it (Debian: apt-get install qemu-system-x86 or qemu-system-arm) or set DVN_QEMU"))?;
-        let virtiofsd = find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/lib/qemu", "/usr/libexec", "/usr/lib"])
-            .ok_or_else(|| missing("virtiofsd", "install it (Debian 12: apt-get install qemu-system-common; newer: apt-get install virtiofsd) or set DVN_VIRTIOFSD"))?;
-        let vhost_vsock = find_program("DVN_VHOST_VSOCK", &["vhost-device-vsock"], &[])
-            .ok_or_else(|| missing("vhost-device-vsock", "install it with `cargo install vhost-device-vsock --version 0.3.0 --locked` or set DVN_VHOST_VSOCK"))?;
+        let qemu = find_program("DVN_QEMU", &[arch.qemu_binary()], &[]).ok_or_else(|| {
+            missing(arch.qemu_binary(), "install it (Debian: apt-get install qemu-system-x86 or qemu-system-arm) or set DVN_QEMU")
+        })?;
+        let virtiofsd = find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/lib/qemu", "/usr/libexec", "/usr/lib"]).ok_or_else(|| {
+            missing(
+                "virtiofsd",
+                "install it (Debian 12: apt-get install qemu-system-common; newer: apt-get install virtiofsd) or set DVN_VIRTIOFSD",
+            )
+        })?;
+        let vhost_vsock = find_program("DVN_VHOST_VSOCK", &["vhost-device-vsock"], &[]).ok_or_else(|| {
+            missing(
+                "vhost-device-vsock",
+                "install it with `cargo install vhost-device-vsock --version 0.3.0 --locked` or set DVN_VHOST_VSOCK",
+            )
+        })?;
         Ok(QemuEngine { arch, qemu, virtiofsd, vhost_vsock })
     }
 
@@ -80,7 +89,22 @@ impl QemuEngine {
     fn probe_kvm(&self) -> Result<(), String> {
         let machine = if self.arch == Arch::X86_64 { "q35" } else { "virt" };
         let mut child = Command::new(&self.qemu)
-            .args(["-accel", "kvm", "-cpu", "host", "-machine", machine, "-nodefaults", "-display", "none", "-S", "-m", "64", "-qmp", "stdio"])
+            .args([
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-machine",
+                machine,
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+                "-m",
+                "64",
+                "-qmp",
+                "stdio",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -191,11 +215,18 @@ impl Engine for QemuEngine {
             let _ = fs::remove_file(stale);
         }
         let log_path = dir.join("helpers.log");
-        let log = File::options().create(true).append(true).open(&log_path).map_err(|e| EngineError::io(log_path.display().to_string(), e))?;
+        let log =
+            File::options().create(true).append(true).open(&log_path).map_err(|e| EngineError::io(log_path.display().to_string(), e))?;
         let (accel, accel_reason) = self.choose_accel();
         tracing::info!("qemu: accelerator {accel_reason}");
 
-        let mut machine = QemuMachine { children: Mutex::new(Vec::new()), vsock_uds: sockets.vsock_uds.clone(), qmp_path: sockets.qmp.clone(), forced: Mutex::new(false), accel };
+        let mut machine = QemuMachine {
+            children: Mutex::new(Vec::new()),
+            vsock_uds: sockets.vsock_uds.clone(),
+            qmp_path: sockets.qmp.clone(),
+            forced: Mutex::new(false),
+            accel,
+        };
         let spawn = |cmd: Command, name: &str| -> Result<Child, EngineError> {
             supervised(cmd, &log)?.spawn().map_err(|e| EngineError::io(format!("starting {name}"), e))
         };

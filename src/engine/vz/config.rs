@@ -9,17 +9,13 @@ use objc2::rc::Retained;
 use objc2::{AnyThread, ClassType};
 use objc2_foundation::{NSArray, NSData, NSError, NSFileHandle, NSString, NSURL};
 use objc2_virtualization::{
-    VZDirectorySharingDeviceConfiguration, VZDiskImageCachingMode,
-    VZDiskImageStorageDeviceAttachment, VZDiskImageSynchronizationMode,
-    VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment, VZGenericMachineIdentifier,
-    VZGenericPlatformConfiguration, VZLinuxBootLoader, VZLinuxRosettaDirectoryShare, VZMACAddress,
-    VZMemoryBalloonDeviceConfiguration, VZNATNetworkDeviceAttachment, VZNetworkDeviceConfiguration,
-    VZSerialPortConfiguration, VZSharedDirectory, VZSingleDirectoryShare,
-    VZSocketDeviceConfiguration, VZStorageDeviceConfiguration, VZVirtioBlockDeviceConfiguration,
-    VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration,
-    VZVirtioFileSystemDeviceConfiguration, VZVirtioNetworkDeviceConfiguration,
-    VZVirtioSocketDeviceConfiguration, VZVirtioTraditionalMemoryBalloonDeviceConfiguration,
-    VZVirtualMachineConfiguration,
+    VZDirectorySharingDeviceConfiguration, VZDiskImageCachingMode, VZDiskImageStorageDeviceAttachment, VZDiskImageSynchronizationMode,
+    VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment, VZGenericMachineIdentifier, VZGenericPlatformConfiguration,
+    VZLinuxBootLoader, VZLinuxRosettaDirectoryShare, VZMACAddress, VZMemoryBalloonDeviceConfiguration, VZNATNetworkDeviceAttachment,
+    VZNetworkDeviceConfiguration, VZSerialPortConfiguration, VZSharedDirectory, VZSingleDirectoryShare, VZSocketDeviceConfiguration,
+    VZStorageDeviceConfiguration, VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration,
+    VZVirtioEntropyDeviceConfiguration, VZVirtioFileSystemDeviceConfiguration, VZVirtioNetworkDeviceConfiguration,
+    VZVirtioSocketDeviceConfiguration, VZVirtioTraditionalMemoryBalloonDeviceConfiguration, VZVirtualMachineConfiguration,
 };
 
 use crate::engine::EngineError;
@@ -31,18 +27,12 @@ pub(super) fn describe(error: &NSError) -> String {
 }
 
 fn file_url(path: &Path) -> Result<Retained<NSURL>, EngineError> {
-    NSURL::from_file_path(path).ok_or_else(|| {
-        EngineError::InvalidSpec(format!("{} cannot be used as a file URL", path.display()))
-    })
+    NSURL::from_file_path(path).ok_or_else(|| EngineError::InvalidSpec(format!("{} cannot be used as a file URL", path.display())))
 }
 
 fn dir_url(path: &Path) -> Result<Retained<NSURL>, EngineError> {
-    NSURL::from_directory_path(path).ok_or_else(|| {
-        EngineError::InvalidSpec(format!(
-            "{} cannot be used as a directory URL",
-            path.display()
-        ))
-    })
+    NSURL::from_directory_path(path)
+        .ok_or_else(|| EngineError::InvalidSpec(format!("{} cannot be used as a directory URL", path.display())))
 }
 
 /// A new machine identifier's bytes.
@@ -55,13 +45,7 @@ pub(super) fn new_machine_identifier() -> Vec<u8> {
 pub(super) fn machine_identifier_is_valid(bytes: &[u8]) -> bool {
     let data = NSData::with_bytes(bytes);
     // SAFETY: `data` is a valid NSData; the initializer returns nil for data it does not understand.
-    unsafe {
-        VZGenericMachineIdentifier::initWithDataRepresentation(
-            VZGenericMachineIdentifier::alloc(),
-            &data,
-        )
-    }
-    .is_some()
+    unsafe { VZGenericMachineIdentifier::initWithDataRepresentation(VZGenericMachineIdentifier::alloc(), &data) }.is_some()
 }
 
 /// Builds and validates the configuration. `console_write` becomes the guest's console output (the engine reads
@@ -89,13 +73,9 @@ pub(super) fn build(
         config.setBootLoader(Some(boot.as_super()));
 
         // Platform with the persisted machine identifier.
-        let id = VZGenericMachineIdentifier::initWithDataRepresentation(
-            VZGenericMachineIdentifier::alloc(),
-            &NSData::with_bytes(machine_id),
-        )
-        .ok_or_else(|| {
-            EngineError::InvalidSpec("the stored machine identifier was rejected".into())
-        })?;
+        let id =
+            VZGenericMachineIdentifier::initWithDataRepresentation(VZGenericMachineIdentifier::alloc(), &NSData::with_bytes(machine_id))
+                .ok_or_else(|| EngineError::InvalidSpec("the stored machine identifier was rejected".into()))?;
         let platform = VZGenericPlatformConfiguration::new();
         platform.setMachineIdentifier(&id);
         config.setPlatform(platform.as_super());
@@ -115,24 +95,14 @@ pub(super) fn build(
             VZDiskImageCachingMode::Cached,
             VZDiskImageSynchronizationMode::Full,
         )
-        .map_err(|e| {
-            EngineError::InvalidSpec(format!("disk image {} cannot be attached: {}", spec.disk.path.display(), describe(&e)))
-        })?;
-        let block = VZVirtioBlockDeviceConfiguration::initWithAttachment(
-            VZVirtioBlockDeviceConfiguration::alloc(),
-            &attachment,
-        );
+        .map_err(|e| EngineError::InvalidSpec(format!("disk image {} cannot be attached: {}", spec.disk.path.display(), describe(&e))))?;
+        let block = VZVirtioBlockDeviceConfiguration::initWithAttachment(VZVirtioBlockDeviceConfiguration::alloc(), &attachment);
         let storage: [&VZStorageDeviceConfiguration; 1] = [block.as_super()];
         config.setStorageDevices(&NSArray::from_slice(&storage));
 
         // Network: NAT with the instance's MAC.
-        let mac = VZMACAddress::initWithString(
-            VZMACAddress::alloc(),
-            &NSString::from_str(&spec.network.mac),
-        )
-        .ok_or_else(|| {
-            EngineError::InvalidSpec(format!("MAC address {:?} was rejected", spec.network.mac))
-        })?;
+        let mac = VZMACAddress::initWithString(VZMACAddress::alloc(), &NSString::from_str(&spec.network.mac))
+            .ok_or_else(|| EngineError::InvalidSpec(format!("MAC address {:?} was rejected", spec.network.mac)))?;
         let net = VZVirtioNetworkDeviceConfiguration::new();
         net.setMACAddress(&mac);
         net.setAttachment(Some(VZNATNetworkDeviceAttachment::new().as_super()));
@@ -143,22 +113,13 @@ pub(super) fn build(
         let mut shares: Vec<Retained<VZDirectorySharingDeviceConfiguration>> = Vec::new();
         for share in &spec.shares {
             let url = dir_url(&share.host_path)?;
-            let dir = VZSharedDirectory::initWithURL_readOnly(
-                VZSharedDirectory::alloc(),
-                &url,
-                share.read_only,
-            );
-            let single =
-                VZSingleDirectoryShare::initWithDirectory(VZSingleDirectoryShare::alloc(), &dir);
+            let dir = VZSharedDirectory::initWithURL_readOnly(VZSharedDirectory::alloc(), &url, share.read_only);
+            let single = VZSingleDirectoryShare::initWithDirectory(VZSingleDirectoryShare::alloc(), &dir);
             shares.push(fs_device(&share.tag, single.as_super())?);
         }
         if rosetta_share {
-            let rosetta =
-                VZLinuxRosettaDirectoryShare::initWithError(VZLinuxRosettaDirectoryShare::alloc())
-                    .map_err(|e| EngineError::Missing {
-                        what: "Rosetta".into(),
-                        hint: describe(&e),
-                    })?;
+            let rosetta = VZLinuxRosettaDirectoryShare::initWithError(VZLinuxRosettaDirectoryShare::alloc())
+                .map_err(|e| EngineError::Missing { what: "Rosetta".into(), hint: describe(&e) })?;
             shares.push(fs_device(TAG_ROSETTA, rosetta.as_super())?);
         }
         config.setDirectorySharingDevices(&NSArray::from_retained_slice(&shares));
@@ -169,26 +130,15 @@ pub(super) fn build(
         config.setSocketDevices(&NSArray::from_slice(&sockets));
 
         // Console (hvc0): output into our pipe, input from /dev/null.
-        let null = OpenOptions::new()
-            .read(true)
-            .open("/dev/null")
-            .map_err(|e| EngineError::io("opening /dev/null for the console input", e))?;
-        let input = NSFileHandle::initWithFileDescriptor_closeOnDealloc(
-            NSFileHandle::alloc(),
-            null.into_raw_fd(),
-            true,
+        let null =
+            OpenOptions::new().read(true).open("/dev/null").map_err(|e| EngineError::io("opening /dev/null for the console input", e))?;
+        let input = NSFileHandle::initWithFileDescriptor_closeOnDealloc(NSFileHandle::alloc(), null.into_raw_fd(), true);
+        let output = NSFileHandle::initWithFileDescriptor_closeOnDealloc(NSFileHandle::alloc(), console_write.into_raw_fd(), true);
+        let serial_attachment = VZFileHandleSerialPortAttachment::initWithFileHandleForReading_fileHandleForWriting(
+            VZFileHandleSerialPortAttachment::alloc(),
+            Some(&input),
+            Some(&output),
         );
-        let output = NSFileHandle::initWithFileDescriptor_closeOnDealloc(
-            NSFileHandle::alloc(),
-            console_write.into_raw_fd(),
-            true,
-        );
-        let serial_attachment =
-            VZFileHandleSerialPortAttachment::initWithFileHandleForReading_fileHandleForWriting(
-                VZFileHandleSerialPortAttachment::alloc(),
-                Some(&input),
-                Some(&output),
-            );
         let console = VZVirtioConsoleDeviceSerialPortConfiguration::new();
         console.setAttachment(Some(serial_attachment.as_super()));
         let serials: [&VZSerialPortConfiguration; 1] = [console.as_super()];
@@ -202,12 +152,9 @@ pub(super) fn build(
         let balloons: [&VZMemoryBalloonDeviceConfiguration; 1] = [balloon.as_super()];
         config.setMemoryBalloonDevices(&NSArray::from_slice(&balloons));
 
-        config.validateWithError().map_err(|e| {
-            EngineError::InvalidSpec(format!(
-                "Virtualization.framework rejected the VM configuration: {}",
-                describe(&e)
-            ))
-        })?;
+        config
+            .validateWithError()
+            .map_err(|e| EngineError::InvalidSpec(format!("Virtualization.framework rejected the VM configuration: {}", describe(&e))))?;
         Ok(config)
     }
 }
@@ -223,16 +170,9 @@ unsafe fn fs_device(
     let tag_ns = NSString::from_str(tag);
     // SAFETY: class method on a valid string; then initializer and setter on a fresh object.
     unsafe {
-        VZVirtioFileSystemDeviceConfiguration::validateTag_error(&tag_ns).map_err(|e| {
-            EngineError::InvalidSpec(format!(
-                "virtio-fs tag {tag:?} is invalid: {}",
-                describe(&e)
-            ))
-        })?;
-        let device = VZVirtioFileSystemDeviceConfiguration::initWithTag(
-            VZVirtioFileSystemDeviceConfiguration::alloc(),
-            &tag_ns,
-        );
+        VZVirtioFileSystemDeviceConfiguration::validateTag_error(&tag_ns)
+            .map_err(|e| EngineError::InvalidSpec(format!("virtio-fs tag {tag:?} is invalid: {}", describe(&e))))?;
+        let device = VZVirtioFileSystemDeviceConfiguration::initWithTag(VZVirtioFileSystemDeviceConfiguration::alloc(), &tag_ns);
         device.setShare(Some(share));
         Ok(Retained::into_super(device))
     }

@@ -19,8 +19,8 @@ use objc2::rc::Retained;
 use objc2::runtime::ProtocolObject;
 use objc2_foundation::NSError;
 use objc2_virtualization::{
-    VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare, VZVirtioSocketConnection,
-    VZVirtioSocketDevice, VZVirtualMachine, VZVirtualMachineConfiguration, VZVirtualMachineState,
+    VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare, VZVirtioSocketConnection, VZVirtioSocketDevice, VZVirtualMachine,
+    VZVirtualMachineConfiguration, VZVirtualMachineState,
 };
 
 use super::config::{self, describe};
@@ -85,11 +85,7 @@ pub fn install_rosetta() -> Result<(), String> {
         .args(["--install-rosetta", "--agree-to-license"])
         .status()
         .map_err(|e| format!("could not run softwareupdate: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("softwareupdate exited with {status}"))
-    }
+    if status.success() { Ok(()) } else { Err(format!("softwareupdate exited with {status}")) }
 }
 
 /// Rosetta availability from the framework.
@@ -124,11 +120,7 @@ impl Engine for VzEngine {
         EngineKind::Vz
     }
 
-    fn boot(
-        &self,
-        spec: &VmSpec,
-        console: Box<dyn io::Write + Send>,
-    ) -> Result<Box<dyn Machine>, EngineError> {
+    fn boot(&self, spec: &VmSpec, console: Box<dyn io::Write + Send>) -> Result<Box<dyn Machine>, EngineError> {
         // SAFETY: class method without arguments.
         if !unsafe { VZVirtualMachine::isSupported() } {
             return Err(EngineError::Missing {
@@ -140,32 +132,20 @@ impl Engine for VzEngine {
         }
         let cmdline = rules::validate_spec(spec)?;
         rules::validate_resources(spec.cpus, spec.memory_mib, &resource_limits())?;
-        let rosetta = rules::plan_rosetta(
-            spec.rosetta,
-            &MacRosettaProbe,
-            rules::install_opt_in_from_env(),
-        )?;
+        let rosetta = rules::plan_rosetta(spec.rosetta, &MacRosettaProbe, rules::install_opt_in_from_env())?;
         if let Some(w) = &rosetta.warning {
             tracing::warn!("{w}");
         }
-        let (machine_id, origin) = machine_id::load_or_create(
-            &spec.machine_id_file,
-            config::new_machine_identifier,
-            config::machine_identifier_is_valid,
-        )?;
+        let (machine_id, origin) =
+            machine_id::load_or_create(&spec.machine_id_file, config::new_machine_identifier, config::machine_identifier_is_valid)?;
         if origin == Origin::Replaced {
-            tracing::warn!(
-                "{} was not a valid machine identifier; wrote a new one",
-                spec.machine_id_file.display()
-            );
+            tracing::warn!("{} was not a valid machine identifier; wrote a new one", spec.machine_id_file.display());
         }
 
-        let (console_read, console_write) =
-            plumbing::cloexec_pipe().map_err(|e| EngineError::io("console pipe", e))?;
-        let configuration =
-            config::build(spec, &cmdline, rosetta.share, &machine_id, console_write)?;
-        let (_copier, console_done) = plumbing::spawn_copier(File::from(console_read), console)
-            .map_err(|e| EngineError::io("console thread", e))?;
+        let (console_read, console_write) = plumbing::cloexec_pipe().map_err(|e| EngineError::io("console pipe", e))?;
+        let configuration = config::build(spec, &cmdline, rosetta.share, &machine_id, console_write)?;
+        let (_copier, console_done) =
+            plumbing::spawn_copier(File::from(console_read), console).map_err(|e| EngineError::io("console thread", e))?;
 
         let queue = DispatchQueue::new("org.nixos.darwin-vz-nix.vm", DispatchQueueAttr::SERIAL);
         let stop = Arc::new(StopState::new());
@@ -178,30 +158,16 @@ impl Engine for VzEngine {
             // SAFETY: we are on the queue the VM will be bound to.
             let configuration = unsafe { configuration.get() };
             // SAFETY: the configuration was validated; the queue is serial.
-            let vm = unsafe {
-                VZVirtualMachine::initWithConfiguration_queue(
-                    VZVirtualMachine::alloc(),
-                    configuration,
-                    &queue,
-                )
-            };
+            let vm = unsafe { VZVirtualMachine::initWithConfiguration_queue(VZVirtualMachine::alloc(), configuration, &queue) };
             let delegate = Delegate::new(delegate_stop);
             // SAFETY: on the VM's queue; the delegate is kept alive in `Vm`.
             unsafe { vm.setDelegate(Some(ProtocolObject::from_ref(&*delegate))) };
-            created = Some(OnQueue(Vm {
-                vm,
-                _delegate: delegate,
-            }));
+            created = Some(OnQueue(Vm { vm, _delegate: delegate }));
         });
         let vm = Arc::new(created.expect("exec_sync ran the closure"));
         drop(configuration);
 
-        let machine = VzMachine {
-            queue,
-            vm: Some(vm),
-            stop,
-            console_done: Mutex::new(Some(console_done)),
-        };
+        let machine = VzMachine { queue, vm: Some(vm), stop, console_done: Mutex::new(Some(console_done)) };
         machine.start()?;
         Ok(Box::new(machine))
     }
@@ -260,23 +226,14 @@ impl VzMachine {
 
     fn start(&self) -> Result<(), EngineError> {
         // SAFETY (closure): startWithCompletionHandler on the VM's queue.
-        match self.call_async(START_TIMEOUT, |vm, done| unsafe {
-            vm.startWithCompletionHandler(done)
-        }) {
+        match self.call_async(START_TIMEOUT, |vm, done| unsafe { vm.startWithCompletionHandler(done) }) {
             Some(Ok(())) => Ok(()),
-            Some(Err(msg)) => Err(EngineError::Boot(
-                if msg.contains("com.apple.security.virtualization") {
-                    format!(
-                        "{msg} (sign the binary with macos/entitlements.plist; see macos/README.md)"
-                    )
-                } else {
-                    msg
-                },
-            )),
-            None => Err(EngineError::Boot(format!(
-                "the VM did not start within {} s",
-                START_TIMEOUT.as_secs()
-            ))),
+            Some(Err(msg)) => Err(EngineError::Boot(if msg.contains("com.apple.security.virtualization") {
+                format!("{msg} (sign the binary with macos/entitlements.plist; see macos/README.md)")
+            } else {
+                msg
+            })),
+            None => Err(EngineError::Boot(format!("the VM did not start within {} s", START_TIMEOUT.as_secs()))),
         }
     }
 
@@ -286,11 +243,7 @@ impl VzMachine {
     }
 
     fn is_stopped(&self) -> bool {
-        self.stop.get().is_some()
-            || matches!(
-                self.state(),
-                VZVirtualMachineState::Stopped | VZVirtualMachineState::Error
-            )
+        self.stop.get().is_some() || matches!(self.state(), VZVirtualMachineState::Stopped | VZVirtualMachineState::Error)
     }
 }
 
@@ -306,31 +259,21 @@ impl Machine for VzMachine {
             let vm = unsafe { vm.get() };
             // SAFETY: on the VM's queue.
             let devices = unsafe { vm.vm.socketDevices() };
-            let Some(device) = devices
-                .firstObject()
-                .and_then(|d| d.downcast::<VZVirtioSocketDevice>().ok())
-            else {
+            let Some(device) = devices.firstObject().and_then(|d| d.downcast::<VZVirtioSocketDevice>().ok()) else {
                 let _ = tx.send(Err("the VM has no virtio socket device".into()));
                 return;
             };
-            let handler = RcBlock::new(
-                move |conn: *mut VZVirtioSocketConnection, err: *mut NSError| {
-                    // SAFETY: the framework passes nil or valid objects.
-                    let result = match (unsafe { conn.as_ref() }, unsafe { err.as_ref() }) {
-                        // Duplicate the descriptor now: the connection closes its own when it is released.
-                        // SAFETY: `conn` is alive for this call, so its descriptor is open.
-                        (Some(conn), None) => {
-                            unsafe { plumbing::dup_stream(conn.fileDescriptor()) }
-                                .map_err(|e| e.to_string())
-                        }
-                        (_, Some(e)) => Err(describe(e)),
-                        (None, None) => {
-                            Err("the framework returned neither a connection nor an error".into())
-                        }
-                    };
-                    let _ = tx.send(result);
-                },
-            );
+            let handler = RcBlock::new(move |conn: *mut VZVirtioSocketConnection, err: *mut NSError| {
+                // SAFETY: the framework passes nil or valid objects.
+                let result = match (unsafe { conn.as_ref() }, unsafe { err.as_ref() }) {
+                    // Duplicate the descriptor now: the connection closes its own when it is released.
+                    // SAFETY: `conn` is alive for this call, so its descriptor is open.
+                    (Some(conn), None) => unsafe { plumbing::dup_stream(conn.fileDescriptor()) }.map_err(|e| e.to_string()),
+                    (_, Some(e)) => Err(describe(e)),
+                    (None, None) => Err("the framework returned neither a connection nor an error".into()),
+                };
+                let _ = tx.send(result);
+            });
             // SAFETY: on the VM's queue; the block is copied by the framework.
             unsafe { device.connectToPort_completionHandler(port, &handler) };
         });
@@ -339,15 +282,9 @@ impl Machine for VzMachine {
             Ok(Err(reason)) => Err(EngineError::Connect { port, reason }),
             Err(RecvTimeoutError::Timeout) => Err(EngineError::Connect {
                 port,
-                reason: format!(
-                    "no answer within {} s (is anything listening in the guest?)",
-                    CONNECT_TIMEOUT.as_secs()
-                ),
+                reason: format!("no answer within {} s (is anything listening in the guest?)", CONNECT_TIMEOUT.as_secs()),
             }),
-            Err(RecvTimeoutError::Disconnected) => Err(EngineError::Connect {
-                port,
-                reason: "the connection attempt was dropped".into(),
-            }),
+            Err(RecvTimeoutError::Disconnected) => Err(EngineError::Connect { port, reason: "the connection attempt was dropped".into() }),
         }
     }
 
@@ -358,10 +295,7 @@ impl Machine for VzMachine {
         // SAFETY: runs on the queue.
         self.on_queue(|vm| unsafe {
             if !vm.canRequestStop() {
-                return Err(format!(
-                    "the VM cannot be asked to stop in state {:?}",
-                    vm.state()
-                ));
+                return Err(format!("the VM cannot be asked to stop in state {:?}", vm.state()));
             }
             vm.requestStopWithError().map_err(|e| describe(&e))
         })
@@ -378,25 +312,17 @@ impl Machine for VzMachine {
                 self.stop.set(StopReason::Forced);
                 return Ok(());
             }
-            return Err(EngineError::Boot(format!(
-                "the VM cannot be stopped in state {:?}",
-                self.state()
-            )));
+            return Err(EngineError::Boot(format!("the VM cannot be stopped in state {:?}", self.state())));
         }
         // SAFETY (closure): stopWithCompletionHandler on the VM's queue.
-        match self.call_async(FORCE_STOP_TIMEOUT, |vm, done| unsafe {
-            vm.stopWithCompletionHandler(done)
-        }) {
+        match self.call_async(FORCE_STOP_TIMEOUT, |vm, done| unsafe { vm.stopWithCompletionHandler(done) }) {
             Some(Ok(())) => {
                 // The delegate is not told about stops we request; record it ourselves.
                 self.stop.set(StopReason::Forced);
                 Ok(())
             }
             Some(Err(msg)) => Err(EngineError::Boot(format!("stopping the VM failed: {msg}"))),
-            None => Err(EngineError::Boot(format!(
-                "the VM did not stop within {} s",
-                FORCE_STOP_TIMEOUT.as_secs()
-            ))),
+            None => Err(EngineError::Boot(format!("the VM did not stop within {} s", FORCE_STOP_TIMEOUT.as_secs()))),
         }
     }
 
@@ -413,15 +339,10 @@ impl Drop for VzMachine {
     fn drop(&mut self) {
         // Safety net: never let the VM object go while the guest may still be writing its disk.
         if !self.is_stopped() {
-            tracing::warn!(
-                "the VM is still running while the engine lets go of it; asking the guest to power off"
-            );
+            tracing::warn!("the VM is still running while the engine lets go of it; asking the guest to power off");
             let _ = self.request_stop();
             if self.stop.wait(Some(DROP_GRACE)).is_none() {
-                tracing::warn!(
-                    "the guest did not power off within {} s; stopping the VM",
-                    DROP_GRACE.as_secs()
-                );
+                tracing::warn!("the guest did not power off within {} s; stopping the VM", DROP_GRACE.as_secs());
                 let _ = self.force_stop();
             }
         }
@@ -429,12 +350,7 @@ impl Drop for VzMachine {
         if let Some(vm) = self.vm.take() {
             self.queue.exec_sync(move || drop(vm));
         }
-        if let Some(done) = self
-            .console_done
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(done) = self.console_done.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = done.recv_timeout(CONSOLE_DRAIN);
         }
     }

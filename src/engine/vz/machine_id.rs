@@ -32,19 +32,11 @@ pub fn load_or_create(
         Ok(_) => Origin::Replaced,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Origin::Created,
         Err(e) => {
-            return Err(EngineError::io(
-                format!("reading the machine identifier {}", path.display()),
-                e,
-            ));
+            return Err(EngineError::io(format!("reading the machine identifier {}", path.display()), e));
         }
     };
     let bytes = create();
-    write_atomically(path, &bytes).map_err(|e| {
-        EngineError::io(
-            format!("writing the machine identifier {}", path.display()),
-            e,
-        )
-    })?;
+    write_atomically(path, &bytes).map_err(|e| EngineError::io(format!("writing the machine identifier {}", path.display()), e))?;
     Ok((bytes, origin))
 }
 
@@ -87,10 +79,7 @@ mod tests {
         assert_eq!((b, o), (vec![9; 4], Origin::Replaced));
         assert_eq!(fs::read(&p).unwrap(), vec![9; 4]);
         fs::write(&p, b"").unwrap();
-        assert_eq!(
-            load_or_create(&p, || vec![7], |_| true).unwrap().1,
-            Origin::Replaced
-        );
+        assert_eq!(load_or_create(&p, || vec![7], |_| true).unwrap().1, Origin::Replaced);
     }
 
     #[test]

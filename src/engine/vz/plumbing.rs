@@ -35,10 +35,7 @@ impl StopState {
     }
 
     pub fn get(&self) -> Option<StopReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits until a reason is set, at most `timeout` (None = forever). None on timeout.
@@ -56,10 +53,7 @@ impl StopState {
                     if now >= d {
                         return None;
                     }
-                    self.changed
-                        .wait_timeout(guard, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
+                    self.changed.wait_timeout(guard, d - now).unwrap_or_else(|p| p.into_inner()).0
                 }
             };
         }
@@ -84,31 +78,26 @@ fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// A thread copying everything from `from` into `to` until end of file (all write ends closed). The receiver gets
 /// a message when the thread is done, so callers can wait for it with a bound.
-pub fn spawn_copier(
-    mut from: File,
-    mut to: Box<dyn Write + Send>,
-) -> io::Result<(JoinHandle<()>, mpsc::Receiver<()>)> {
+pub fn spawn_copier(mut from: File, mut to: Box<dyn Write + Send>) -> io::Result<(JoinHandle<()>, mpsc::Receiver<()>)> {
     let (done_tx, done_rx) = mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name("vz-console".into())
-        .spawn(move || {
-            let mut buf = [0u8; 8192];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        // A failing sink must not block the guest's console: keep draining the pipe.
-                        if to.write_all(&buf[..n]).is_ok() {
-                            let _ = to.flush();
-                        }
+    let handle = std::thread::Builder::new().name("vz-console".into()).spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    // A failing sink must not block the guest's console: keep draining the pipe.
+                    if to.write_all(&buf[..n]).is_ok() {
+                        let _ = to.flush();
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
             }
-            let _ = to.flush();
-            let _ = done_tx.send(());
-        })?;
+        }
+        let _ = to.flush();
+        let _ = done_tx.send(());
+    })?;
     Ok((handle, done_rx))
 }
 
@@ -119,10 +108,7 @@ pub fn spawn_copier(
 /// `fd` must be an open socket descriptor for the duration of the call.
 pub unsafe fn dup_stream(fd: RawFd) -> io::Result<UnixStream> {
     if fd < 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("invalid file descriptor {fd}"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid file descriptor {fd}")));
     }
     // SAFETY: the caller guarantees fd is open for the duration of this call.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -150,10 +136,7 @@ mod tests {
         s.set(StopReason::Forced);
         assert_eq!(waiter.join().unwrap(), Some(StopReason::GuestShutdown));
         assert_eq!(s.get(), Some(StopReason::GuestShutdown));
-        assert_eq!(
-            s.wait(Some(Duration::ZERO)),
-            Some(StopReason::GuestShutdown)
-        );
+        assert_eq!(s.wait(Some(Duration::ZERO)), Some(StopReason::GuestShutdown));
     }
 
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -178,10 +161,7 @@ mod tests {
         drop(w);
         done.recv_timeout(Duration::from_secs(5)).unwrap();
         h.join().unwrap();
-        assert_eq!(
-            out.lock().unwrap().as_slice(),
-            b"[    0.000000] Booting Linux\nlogin: "
-        );
+        assert_eq!(out.lock().unwrap().as_slice(), b"[    0.000000] Booting Linux\nlogin: ");
     }
 
     #[test]

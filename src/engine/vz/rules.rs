@@ -35,11 +35,7 @@ pub struct ResourceLimits {
 const MIB: u64 = 1024 * 1024;
 
 /// Checks the VM size against the limits. Never clamps: a value out of range is the user's to change.
-pub fn validate_resources(
-    cpus: u32,
-    memory_mib: u64,
-    limits: &ResourceLimits,
-) -> Result<(), EngineError> {
+pub fn validate_resources(cpus: u32, memory_mib: u64, limits: &ResourceLimits) -> Result<(), EngineError> {
     let cpus = u64::from(cpus);
     if cpus < limits.min_cpus || cpus > limits.max_cpus {
         return Err(EngineError::InvalidSpec(format!(
@@ -47,11 +43,9 @@ pub fn validate_resources(
             limits.min_cpus, limits.max_cpus
         )));
     }
-    let bytes = memory_mib.checked_mul(MIB).ok_or_else(|| {
-        EngineError::InvalidSpec(format!(
-            "{memory_mib} MiB of memory is not a representable size"
-        ))
-    })?;
+    let bytes = memory_mib
+        .checked_mul(MIB)
+        .ok_or_else(|| EngineError::InvalidSpec(format!("{memory_mib} MiB of memory is not a representable size")))?;
     if bytes < limits.min_memory_bytes || bytes > limits.max_memory_bytes {
         return Err(EngineError::InvalidSpec(format!(
             "{memory_mib} MiB of memory requested, but Virtualization.framework allows {} to {} MiB on this Mac; \
@@ -70,9 +64,7 @@ pub fn validate_resources(
 pub fn kernel_command_line(args: &[String]) -> Result<String, EngineError> {
     for arg in args {
         if arg.is_empty() {
-            return Err(EngineError::InvalidSpec(
-                "the kernel command line has an empty argument".into(),
-            ));
+            return Err(EngineError::InvalidSpec("the kernel command line has an empty argument".into()));
         }
         if arg.chars().any(|c| c.is_whitespace() || c == '\0') {
             return Err(EngineError::InvalidSpec(format!(
@@ -97,11 +89,7 @@ pub fn kernel_command_line(args: &[String]) -> Result<String, EngineError> {
 
 /// Checks that `mac` is `xx:xx:xx:xx:xx:xx`, unicast and locally administered (the supervisor generates it).
 pub fn validate_mac(mac: &str) -> Result<[u8; 6], EngineError> {
-    let bad = || {
-        EngineError::InvalidSpec(format!(
-            "MAC address {mac:?} is not of the form xx:xx:xx:xx:xx:xx (six hexadecimal bytes)"
-        ))
-    };
+    let bad = || EngineError::InvalidSpec(format!("MAC address {mac:?} is not of the form xx:xx:xx:xx:xx:xx (six hexadecimal bytes)"));
     let mut out = [0u8; 6];
     let mut parts = mac.split(':');
     for byte in &mut out {
@@ -115,9 +103,7 @@ pub fn validate_mac(mac: &str) -> Result<[u8; 6], EngineError> {
         return Err(bad());
     }
     if out[0] & 0x01 != 0 {
-        return Err(EngineError::InvalidSpec(format!(
-            "MAC address {mac} is a multicast address; a NIC needs a unicast one"
-        )));
+        return Err(EngineError::InvalidSpec(format!("MAC address {mac} is a multicast address; a NIC needs a unicast one")));
     }
     if out[0] & 0x02 == 0 {
         return Err(EngineError::InvalidSpec(format!(
@@ -129,13 +115,9 @@ pub fn validate_mac(mac: &str) -> Result<[u8; 6], EngineError> {
 
 /// Checks the disk image: a regular file whose size VZ accepts (a multiple of 512 bytes, not empty).
 pub fn validate_disk(path: &Path) -> Result<(), EngineError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| EngineError::io(format!("disk image {}", path.display()), e))?;
+    let meta = std::fs::metadata(path).map_err(|e| EngineError::io(format!("disk image {}", path.display()), e))?;
     if !meta.is_file() {
-        return Err(EngineError::InvalidSpec(format!(
-            "disk image {} is not a regular file",
-            path.display()
-        )));
+        return Err(EngineError::InvalidSpec(format!("disk image {} is not a regular file", path.display())));
     }
     let len = meta.len();
     if len == 0 || len % 512 != 0 {
@@ -154,19 +136,13 @@ pub fn validate_shares(shares: &[ShareSpec], rosetta: RosettaMode) -> Result<(),
     for share in shares {
         let tag = share.tag.as_str();
         if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
-            return Err(EngineError::InvalidSpec(format!(
-                "virtio-fs tag {tag:?} must be 1 to {MAX_TAG_BYTES} bytes long"
-            )));
+            return Err(EngineError::InvalidSpec(format!("virtio-fs tag {tag:?} must be 1 to {MAX_TAG_BYTES} bytes long")));
         }
         if tag == TAG_ROSETTA && rosetta != RosettaMode::Off {
-            return Err(EngineError::InvalidSpec(format!(
-                "virtio-fs tag {TAG_ROSETTA:?} is reserved for the Rosetta share"
-            )));
+            return Err(EngineError::InvalidSpec(format!("virtio-fs tag {TAG_ROSETTA:?} is reserved for the Rosetta share")));
         }
         if !seen.insert(tag) {
-            return Err(EngineError::InvalidSpec(format!(
-                "virtio-fs tag {tag:?} is used by two shares"
-            )));
+            return Err(EngineError::InvalidSpec(format!("virtio-fs tag {tag:?} is used by two shares")));
         }
         if !share.host_path.is_dir() {
             return Err(EngineError::InvalidSpec(format!(
@@ -223,85 +199,50 @@ pub struct RosettaPlan {
 
 /// True when the user opted in to installing Rosetta (`DVN_INSTALL_ROSETTA=1`, `true` or `yes`).
 pub fn install_opt_in_from_env() -> bool {
-    std::env::var(ENV_INSTALL_ROSETTA)
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
-        .unwrap_or(false)
+    std::env::var(ENV_INSTALL_ROSETTA).map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes")).unwrap_or(false)
 }
 
 /// Maps the requested mode and what the Mac offers to a decision. Never fails for `IfAvailable`.
-pub fn plan_rosetta(
-    mode: RosettaMode,
-    probe: &dyn RosettaProbe,
-    install_opt_in: bool,
-) -> Result<RosettaPlan, EngineError> {
+pub fn plan_rosetta(mode: RosettaMode, probe: &dyn RosettaProbe, install_opt_in: bool) -> Result<RosettaPlan, EngineError> {
     if mode == RosettaMode::Off {
-        return Ok(RosettaPlan {
-            share: false,
-            warning: None,
-        });
+        return Ok(RosettaPlan { share: false, warning: None });
     }
     match probe.availability() {
-        RosettaAvailability::Installed => Ok(RosettaPlan {
-            share: true,
-            warning: None,
-        }),
+        RosettaAvailability::Installed => Ok(RosettaPlan { share: true, warning: None }),
         RosettaAvailability::NotSupported => {
             let why = "Rosetta for Linux is not supported on this Mac (it needs Apple silicon and macOS 13 or later)";
             if mode == RosettaMode::Required {
                 Err(EngineError::Missing {
                     what: "Rosetta for Linux".into(),
-                    hint: format!(
-                        "{why}; start the VM without Rosetta (x86_64-linux builds will not run)"
-                    ),
+                    hint: format!("{why}; start the VM without Rosetta (x86_64-linux builds will not run)"),
                 })
             } else {
-                Ok(RosettaPlan {
-                    share: false,
-                    warning: Some(format!("{why}; booting without the rosetta share")),
-                })
+                Ok(RosettaPlan { share: false, warning: Some(format!("{why}; booting without the rosetta share")) })
             }
         }
         RosettaAvailability::NotInstalled if install_opt_in => match probe.install() {
-            Ok(()) if probe.availability() == RosettaAvailability::Installed => Ok(RosettaPlan {
-                share: true,
-                warning: None,
-            }),
+            Ok(()) if probe.availability() == RosettaAvailability::Installed => Ok(RosettaPlan { share: true, warning: None }),
             outcome => {
                 let detail = match outcome {
                     Err(e) => e,
                     Ok(()) => "the installer finished but Rosetta is still not available".into(),
                 };
-                let msg = format!(
-                    "installing Rosetta failed: {detail}; run `{ROSETTA_INSTALL_COMMAND}` yourself"
-                );
+                let msg = format!("installing Rosetta failed: {detail}; run `{ROSETTA_INSTALL_COMMAND}` yourself");
                 if mode == RosettaMode::Required {
-                    Err(EngineError::Missing {
-                        what: "Rosetta".into(),
-                        hint: msg,
-                    })
+                    Err(EngineError::Missing { what: "Rosetta".into(), hint: msg })
                 } else {
-                    Ok(RosettaPlan {
-                        share: false,
-                        warning: Some(format!("{msg}; booting without the rosetta share")),
-                    })
+                    Ok(RosettaPlan { share: false, warning: Some(format!("{msg}; booting without the rosetta share")) })
                 }
             }
         },
         RosettaAvailability::NotInstalled => {
-            let hint = format!(
-                "install it with `{ROSETTA_INSTALL_COMMAND}` (or set {ENV_INSTALL_ROSETTA}=1 to let darwin-vz-nix run it)"
-            );
+            let hint = format!("install it with `{ROSETTA_INSTALL_COMMAND}` (or set {ENV_INSTALL_ROSETTA}=1 to let darwin-vz-nix run it)");
             if mode == RosettaMode::Required {
-                Err(EngineError::Missing {
-                    what: "Rosetta".into(),
-                    hint,
-                })
+                Err(EngineError::Missing { what: "Rosetta".into(), hint })
             } else {
                 Ok(RosettaPlan {
                     share: false,
-                    warning: Some(format!(
-                        "Rosetta is not installed, so x86_64-linux builds will not run in the VM; {hint}"
-                    )),
+                    warning: Some(format!("Rosetta is not installed, so x86_64-linux builds will not run in the VM; {hint}")),
                 })
             }
         }
@@ -314,12 +255,7 @@ mod tests {
     use std::cell::Cell;
     use std::path::PathBuf;
 
-    const LIMITS: ResourceLimits = ResourceLimits {
-        min_cpus: 1,
-        max_cpus: 8,
-        min_memory_bytes: 128 * MIB,
-        max_memory_bytes: 16384 * MIB,
-    };
+    const LIMITS: ResourceLimits = ResourceLimits { min_cpus: 1, max_cpus: 8, min_memory_bytes: 128 * MIB, max_memory_bytes: 16384 * MIB };
 
     fn msg(e: EngineError) -> String {
         e.to_string()
@@ -352,18 +288,9 @@ mod tests {
 
     #[test]
     fn cmdline_keeps_order_and_appends_console() {
-        let args: Vec<String> = [
-            "init=/nix/store/abc-system/init",
-            "loglevel=4",
-            "root=LABEL=nixos",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        assert_eq!(
-            kernel_command_line(&args).unwrap(),
-            "init=/nix/store/abc-system/init loglevel=4 root=LABEL=nixos console=hvc0"
-        );
+        let args: Vec<String> =
+            ["init=/nix/store/abc-system/init", "loglevel=4", "root=LABEL=nixos"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(kernel_command_line(&args).unwrap(), "init=/nix/store/abc-system/init loglevel=4 root=LABEL=nixos console=hvc0");
         assert_eq!(kernel_command_line(&[]).unwrap(), "console=hvc0");
     }
 
@@ -375,35 +302,17 @@ mod tests {
         assert!(msg(kernel_command_line(&long).unwrap_err()).contains("at most 2047"));
         // Just fits: arg + " console=hvc0" = 2047 bytes.
         let fits = vec!["x".repeat(MAX_CMDLINE_BYTES - 1 - 1 - CONSOLE_ARG.len())];
-        assert_eq!(
-            kernel_command_line(&fits).unwrap().len(),
-            MAX_CMDLINE_BYTES - 1
-        );
+        assert_eq!(kernel_command_line(&fits).unwrap().len(), MAX_CMDLINE_BYTES - 1);
     }
 
     #[test]
     fn mac_validation() {
-        assert_eq!(
-            validate_mac("02:da:72:56:00:01").unwrap(),
-            [0x02, 0xda, 0x72, 0x56, 0x00, 0x01]
-        );
+        assert_eq!(validate_mac("02:da:72:56:00:01").unwrap(), [0x02, 0xda, 0x72, 0x56, 0x00, 0x01]);
         assert!(validate_mac("0A:BC:DE:F0:12:34").is_ok());
         assert!(msg(validate_mac("03:00:00:00:00:01").unwrap_err()).contains("multicast"));
-        assert!(
-            msg(validate_mac("00:1c:42:00:00:01").unwrap_err()).contains("locally administered")
-        );
-        for bad in [
-            "",
-            "02:00:00:00:00",
-            "02:00:00:00:00:00:00",
-            "02-00-00-00-00-01",
-            "02:00:00:00:00:zz",
-            "2:00:00:00:00:01",
-        ] {
-            assert!(
-                msg(validate_mac(bad).unwrap_err()).contains("xx:xx"),
-                "{bad}"
-            );
+        assert!(msg(validate_mac("00:1c:42:00:00:01").unwrap_err()).contains("locally administered"));
+        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:00:00", "02-00-00-00-00-01", "02:00:00:00:00:zz", "2:00:00:00:00:01"] {
+            assert!(msg(validate_mac(bad).unwrap_err()).contains("xx:xx"), "{bad}");
         }
     }
 
@@ -422,40 +331,21 @@ mod tests {
     }
 
     fn share(tag: &str, path: PathBuf) -> ShareSpec {
-        ShareSpec {
-            tag: tag.into(),
-            host_path: path,
-            read_only: true,
-        }
+        ShareSpec { tag: tag.into(), host_path: path, read_only: true }
     }
 
     #[test]
     fn share_validation() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
-        validate_shares(
-            &[
-                share("nix-store", d.clone()),
-                share("dvn-config", d.clone()),
-            ],
-            RosettaMode::IfAvailable,
-        )
-        .unwrap();
+        validate_shares(&[share("nix-store", d.clone()), share("dvn-config", d.clone())], RosettaMode::IfAvailable).unwrap();
         let dup = [share("a", d.clone()), share("a", d.clone())];
         assert!(msg(validate_shares(&dup, RosettaMode::Off).unwrap_err()).contains("two shares"));
-        assert!(
-            msg(
-                validate_shares(&[share("rosetta", d.clone())], RosettaMode::Required).unwrap_err()
-            )
-            .contains("reserved")
-        );
+        assert!(msg(validate_shares(&[share("rosetta", d.clone())], RosettaMode::Required).unwrap_err()).contains("reserved"));
         validate_shares(&[share("rosetta", d.clone())], RosettaMode::Off).unwrap();
         assert!(validate_shares(&[share("", d.clone())], RosettaMode::Off).is_err());
         assert!(validate_shares(&[share(&"t".repeat(37), d.clone())], RosettaMode::Off).is_err());
-        assert!(
-            msg(validate_shares(&[share("x", d.join("nope"))], RosettaMode::Off).unwrap_err())
-                .contains("does not exist")
-        );
+        assert!(msg(validate_shares(&[share("x", d.join("nope"))], RosettaMode::Off).unwrap_err()).contains("does not exist"));
     }
 
     struct Fake {
@@ -466,11 +356,7 @@ mod tests {
 
     impl Fake {
         fn new(a: RosettaAvailability) -> Self {
-            Fake {
-                state: Cell::new(a),
-                install_result: Ok(()),
-                installs: Cell::new(0),
-            }
+            Fake { state: Cell::new(a), install_result: Ok(()), installs: Cell::new(0) }
         }
     }
 
@@ -493,33 +379,20 @@ mod tests {
     fn rosetta_off_never_probes_or_shares() {
         for a in [NotSupported, NotInstalled, Installed] {
             let p = plan_rosetta(RosettaMode::Off, &Fake::new(a), true).unwrap();
-            assert_eq!(
-                p,
-                RosettaPlan {
-                    share: false,
-                    warning: None
-                }
-            );
+            assert_eq!(p, RosettaPlan { share: false, warning: None });
         }
     }
 
     #[test]
     fn rosetta_installed_is_shared() {
         for mode in [RosettaMode::IfAvailable, RosettaMode::Required] {
-            assert_eq!(
-                plan_rosetta(mode, &Fake::new(Installed), false).unwrap(),
-                RosettaPlan {
-                    share: true,
-                    warning: None
-                }
-            );
+            assert_eq!(plan_rosetta(mode, &Fake::new(Installed), false).unwrap(), RosettaPlan { share: true, warning: None });
         }
     }
 
     #[test]
     fn rosetta_not_supported() {
-        let e =
-            msg(plan_rosetta(RosettaMode::Required, &Fake::new(NotSupported), true).unwrap_err());
+        let e = msg(plan_rosetta(RosettaMode::Required, &Fake::new(NotSupported), true).unwrap_err());
         assert!(e.contains("Apple silicon"), "{e}");
         let p = plan_rosetta(RosettaMode::IfAvailable, &Fake::new(NotSupported), true).unwrap();
         assert!(!p.share);
@@ -528,8 +401,7 @@ mod tests {
 
     #[test]
     fn rosetta_not_installed_names_the_command() {
-        let e =
-            msg(plan_rosetta(RosettaMode::Required, &Fake::new(NotInstalled), false).unwrap_err());
+        let e = msg(plan_rosetta(RosettaMode::Required, &Fake::new(NotInstalled), false).unwrap_err());
         assert!(e.contains(ROSETTA_INSTALL_COMMAND), "{e}");
         assert!(e.contains(ENV_INSTALL_ROSETTA), "{e}");
         let fake = Fake::new(NotInstalled);
@@ -542,24 +414,12 @@ mod tests {
     #[test]
     fn rosetta_opt_in_installs() {
         let fake = Fake::new(NotInstalled);
-        assert_eq!(
-            plan_rosetta(RosettaMode::Required, &fake, true).unwrap(),
-            RosettaPlan {
-                share: true,
-                warning: None
-            }
-        );
+        assert_eq!(plan_rosetta(RosettaMode::Required, &fake, true).unwrap(), RosettaPlan { share: true, warning: None });
         assert_eq!(fake.installs.get(), 1);
 
-        let failing = Fake {
-            install_result: Err("user cancelled".into()),
-            ..Fake::new(NotInstalled)
-        };
+        let failing = Fake { install_result: Err("user cancelled".into()), ..Fake::new(NotInstalled) };
         let e = msg(plan_rosetta(RosettaMode::Required, &failing, true).unwrap_err());
-        assert!(
-            e.contains("user cancelled") && e.contains(ROSETTA_INSTALL_COMMAND),
-            "{e}"
-        );
+        assert!(e.contains("user cancelled") && e.contains(ROSETTA_INSTALL_COMMAND), "{e}");
         let p = plan_rosetta(RosettaMode::IfAvailable, &failing, true).unwrap();
         assert!(!p.share && p.warning.unwrap().contains("user cancelled"));
     }

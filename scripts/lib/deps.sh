@@ -1,0 +1,39 @@
+# Sourced by scripts/demo, scripts/test and scripts/bench: installs what darwin-vz-nix needs on a fresh
+# Debian machine (as root), quickly when everything is already there.
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+apt_install() {
+    local missing=()
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" = 0 ] || die "missing packages: ${missing[*]} (install them as root)"
+    log "apt-get install ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    }
+}
+
+# QEMU with virtiofsd, OpenSSH's client, vhost-device-vsock: what the qemu engine runs.
+ensure_vm_tools() {
+    case "$(uname -m)" in
+        x86_64) apt_install qemu-system-x86 qemu-system-common openssh-client ;;
+        aarch64) apt_install qemu-system-arm qemu-system-common openssh-client ;;
+        *) die "unsupported architecture $(uname -m)" ;;
+    esac
+    if ! command -v vhost-device-vsock >/dev/null; then
+        log "cargo install vhost-device-vsock 0.3.0 (about 30 s)"
+        cargo install --quiet --locked vhost-device-vsock --version 0.3.0
+    fi
+}
+
+ensure_rust_target() {
+    rustup target list --installed | grep -qx "$1" || { log "rustup target add $1"; rustup target add "$1" >/dev/null; }
+}
