@@ -31,14 +31,14 @@ pub fn validate_start(
     let check = || -> Result<(), InputError> {
         require_file("--kernel", &args.kernel)?;
         require_file("--initrd", &args.initrd)?;
-        if let Some(system) = &args.system {
-            if !system.join("init").exists() {
-                return Err(InputError::BadPath {
-                    flag: "--system",
-                    path: system.clone(),
-                    problem: "has no `init`: pass a NixOS system toplevel (the result of building config.system.build.toplevel)".into(),
-                });
-            }
+        if let Some(system) = &args.system
+            && !system.join("init").exists()
+        {
+            return Err(InputError::BadPath {
+                flag: "--system",
+                path: system.clone(),
+                problem: "has no `init`: pass a NixOS system toplevel (the result of building config.system.build.toplevel)".into(),
+            });
         }
         if engine == EngineKind::Qemu && args.rosetta_requested() == Some(true) {
             return Err(InputError::Unsupported(

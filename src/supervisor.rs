@@ -168,8 +168,8 @@ impl Supervisor {
     fn main_loop(&mut self) -> Result<Outcome, SupervisorError> {
         if self.config.on_demand {
             tracing::info!("listening on 127.0.0.1:{}; the VM boots at the first connection", self.port);
-        } else if let Err(err) = self.boot() {
-            return Err(err);
+        } else {
+            self.boot()?
         }
         let mut last_status = Instant::now();
         let mut last_sync = Instant::now();

@@ -49,7 +49,7 @@ impl fmt::Display for ByteSize {
     /// The largest unit that divides the size exactly, so that `parse(display(x)) == x`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-            if self.0 % (1u64 << shift) == 0 {
+            if self.0.is_multiple_of(1u64 << shift) {
                 return write!(f, "{}{unit}", self.0 >> shift);
             }
         }

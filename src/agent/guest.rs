@@ -56,10 +56,10 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
             Ok(stream) => {
                 let config = config.clone();
                 thread::spawn(move || {
-                    if let Err(err) = serve(stream, &config) {
-                        if !matches!(err, ProtocolError::Closed) {
-                            eprintln!("dvn-agent: connection ended: {err}");
-                        }
+                    if let Err(err) = serve(stream, &config)
+                        && !matches!(err, ProtocolError::Closed)
+                    {
+                        eprintln!("dvn-agent: connection ended: {err}");
                     }
                 });
             }
@@ -126,8 +126,8 @@ fn now_unix_ms() -> i64 {
 fn status(config: &AgentConfig) -> GuestStatus {
     let (disk_free_bytes, disk_total_bytes) = nix::sys::statvfs::statvfs(&config.disk_path)
         .map(|s| {
-            let frsize = s.fragment_size() as u64;
-            (s.blocks_available() as u64 * frsize, s.blocks() as u64 * frsize)
+            let frsize = s.fragment_size();
+            (s.blocks_available() * frsize, s.blocks() * frsize)
         })
         .unwrap_or((0, 0));
     GuestStatus {

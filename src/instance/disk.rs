@@ -26,7 +26,7 @@ pub enum DiskPlan {
 }
 
 pub fn plan(layout: &Layout, requested: ByteSize) -> Result<Result<DiskPlan, DiskError>, InstanceError> {
-    if requested.0 % 512 != 0 {
+    if !requested.0.is_multiple_of(512) {
         return Ok(Err(DiskError::Unaligned(requested)));
     }
     let path = layout.disk();

@@ -123,10 +123,10 @@ impl Instance {
             if status["state"] == want {
                 return status;
             }
-            if let Some(child) = self.supervisor.as_mut() {
-                if let Ok(Some(code)) = child.try_wait() {
-                    panic!("supervisor exited ({code}) while waiting for '{want}'; log:\n{}", self.log());
-                }
+            if let Some(child) = self.supervisor.as_mut()
+                && let Ok(Some(code)) = child.try_wait()
+            {
+                panic!("supervisor exited ({code}) while waiting for '{want}'; log:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,

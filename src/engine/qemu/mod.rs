@@ -8,7 +8,7 @@ mod args;
 mod qmp;
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -169,10 +169,11 @@ fn supervised(mut cmd: Command, log: &File) -> Result<Command, EngineError> {
     let log = log.try_clone().map_err(|e| EngineError::io("helper log", e))?;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log)).process_group(0);
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    #[cfg(target_os = "linux")]
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
