@@ -55,7 +55,17 @@ fn from_systemd() -> Result<Option<TcpListener>, ListenError> {
         std::env::remove_var("LISTEN_FDS");
         std::env::remove_var("LISTEN_FDNAMES");
     }
-    // SAFETY: systemd passes an open listening socket as fd 3.
+    // Take ownership only of a real listening socket: fd 3 could be anything if the caller lied.
+    // SAFETY: fd 3 is only borrowed for the check.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(3) };
+    let listening = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::AcceptConn);
+    if listening != Ok(true) {
+        return Err(ListenError::Inherited {
+            manager: "systemd",
+            source: io::Error::other("LISTEN_FDS is set but fd 3 is not a listening socket"),
+        });
+    }
+    // SAFETY: fd 3 is an open listening socket that nothing else in this process owns.
     let listener = unsafe { TcpListener::from_raw_fd(3) };
     set_cloexec(&listener).map_err(|source| ListenError::Inherited { manager: "systemd", source })?;
     Ok(Some(listener))

@@ -138,6 +138,19 @@ impl Instance {
         }
     }
 
+    /// Waits until the state is any of `wanted`.
+    pub fn wait_state_in(&mut self, wanted: &[&str], timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if wanted.iter().any(|w| status["state"] == *w) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "none of {wanted:?} reached in {timeout:?}; last status {status}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn start_ready(&mut self, extra: &[&str]) -> Value {
         self.spawn_start(extra);
         self.wait_state("running", BOOT_TIMEOUT)
