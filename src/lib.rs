@@ -6,11 +6,15 @@
 pub mod agent;
 pub mod cli;
 pub mod control;
+pub mod doctor;
 pub mod engine;
 pub mod guest_config;
 pub mod instance;
 pub mod launch;
+pub mod listener;
+pub mod progress;
 pub mod relay;
 pub mod ssh;
 pub mod spec;
+pub mod supervisor;
 pub mod units;

@@ -1,0 +1,401 @@
+//! One function per subcommand. Errors carry context; `BadInput` means exit code 2.
+
+use std::fs;
+use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use dvn::cli::{Cli, Command, DEFAULT_SSH_PORT, DebugCommand, StartArgs, split_ssh_args};
+use dvn::control::{self, ControlRequest, StatusReport, VmState};
+use dvn::engine::{self, EngineKind};
+use dvn::instance::lock::{self, InstanceLock};
+use dvn::instance::process::PidRecord;
+use dvn::instance::{self, EffectiveConfig, Layout, disk};
+use dvn::supervisor::{Options, Supervisor};
+use dvn::{doctor, launch, listener, ssh};
+
+/// Bad usage or bad input: exit code 2, nothing changed on disk.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+fn bad_input(message: impl Into<String>) -> anyhow::Error {
+    BadInput(message.into()).into()
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let state_dir = match cli.state_dir.clone() {
+        Some(dir) => dir,
+        None => instance::default_state_dir()?,
+    };
+    let layout = Layout::new(absolute(&state_dir));
+    let engine = cli.engine.unwrap_or_else(EngineKind::platform_default);
+    match cli.command {
+        Command::Start(args) => start(&layout, engine, &args),
+        Command::Init => init(&layout),
+        Command::Ssh { ssh_options, command } => {
+            let (options, remote) = split_ssh_args(&ssh_options, &command);
+            ssh_into(&layout, &options, &remote)
+        }
+        Command::Stop { force, timeout } => stop(&layout, force, Duration::from_secs(timeout)),
+        Command::Status { json } => status(&layout, json),
+        Command::Destroy { yes, keys } => destroy(&layout, yes, keys),
+        Command::Logs { follow, lines } => logs(&layout, follow, lines),
+        Command::Doctor { port } => doctor_cmd(&layout, port),
+        Command::Debug(DebugCommand::ShiftGuestClock { seconds }) => {
+            control::request(&layout.control_socket(), &ControlRequest::ShiftGuestClock { seconds }, Duration::from_secs(15))
+                .context("shifting the guest clock")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn absolute(path: &Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<ExitCode> {
+    // Everything that can be wrong with the input is found before the first write.
+    let (config, plan) = launch::validate_start(args, engine_kind, layout)?.map_err(|e| bad_input(e.to_string()))?;
+    let engine = engine::for_kind(engine_kind).context("the hypervisor is not usable")?;
+
+    layout.create()?;
+    let _lock = InstanceLock::acquire(layout)?;
+    ssh::ensure_keys(layout)?;
+    if config.ephemeral {
+        // A fresh sparse disk each start; the guest formats it.
+        disk::remove(layout)?;
+        disk::apply(layout, disk::DiskPlan::Create(args.disk_size))?;
+    } else {
+        if let disk::DiskPlan::Grow { from, to } = plan {
+            tracing::info!("growing the disk from {from} to {to}; the guest grows its file system at boot");
+        }
+        disk::apply(layout, plan)?;
+    }
+    config.save(layout)?;
+    let mac = instance::ensure_mac_address(layout)?;
+    let (listener, origin) = listener::open(config.port)?;
+    let spec = launch::vm_spec(layout, &config, mac);
+    PidRecord::for_self().write(layout)?;
+    let options = Options { verbose: args.verbose, ..Options::default() };
+    let supervisor = Supervisor::new(layout.clone(), config, spec, engine, listener, options)?;
+    tracing::info!(
+        "darwin-vz-nix {} (pid {}), state {}, ssh proxy on 127.0.0.1:{} ({origin:?})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        layout.root.display(),
+        supervisor.port()
+    );
+    let result = supervisor.run();
+    let _ = fs::remove_file(layout.pid_file());
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init(layout: &Layout) -> Result<ExitCode> {
+    layout.create()?;
+    ssh::ensure_keys(layout)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The live status from the supervisor, or None when none runs.
+fn live_status(layout: &Layout) -> Option<StatusReport> {
+    if !lock::is_held(layout) {
+        return None;
+    }
+    control::request(&layout.control_socket(), &ControlRequest::Status, Duration::from_secs(5)).ok()?.status
+}
+
+fn ssh_into(layout: &Layout, options: &[String], remote: &[String]) -> Result<ExitCode> {
+    if !layout.client_key().exists() {
+        bail!("no ssh key in {}: start the VM first (`darwin-vz-nix start ...`) or run `darwin-vz-nix init`", layout.root.display());
+    }
+    let port = match live_status(layout) {
+        Some(status) => status.ssh_port.unwrap_or(DEFAULT_SSH_PORT),
+        None => match EffectiveConfig::load(layout)? {
+            // launchd or systemd may own the port and start us on the first connection.
+            Some(config) if config.port != 0 => config.port,
+            _ => bail!("the VM is not running; start it with `darwin-vz-nix start --kernel ... --initrd ...`"),
+        },
+    };
+    let args = ssh::ssh_args(layout, port, options, remote);
+    let err = exec("ssh", &args);
+    Err(err).context("running ssh (is OpenSSH installed?)")
+}
+
+fn exec(program: &str, args: &[String]) -> io::Error {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(program).args(args).exec()
+}
+
+fn stop(layout: &Layout, force: bool, timeout: Duration) -> Result<ExitCode> {
+    if !lock::is_held(layout) {
+        println!("darwin-vz-nix is not running (state {})", layout.root.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let progress = dvn::progress::Progress::start(if force { "forcing the VM off" } else { "shutting the guest down" });
+    let asked = control::request(&layout.control_socket(), &ControlRequest::Stop { force }, Duration::from_secs(5));
+    if let Err(err) = &asked {
+        tracing::warn!("the supervisor does not answer on its control socket ({err}); signalling it");
+        signal_supervisor(layout, force)?;
+    }
+    if wait_released(layout, timeout) {
+        progress.finish("stopped");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !force {
+        progress.step(&format!("no clean shutdown within {} s: forcing it", timeout.as_secs()));
+        if control::request(&layout.control_socket(), &ControlRequest::Stop { force: true }, Duration::from_secs(5)).is_err() {
+            signal_supervisor(layout, true)?;
+        }
+        if wait_released(layout, Duration::from_secs(15)) {
+            progress.finish("stopped (forced)");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    signal_supervisor(layout, true)?;
+    if wait_released(layout, Duration::from_secs(5)) {
+        progress.finish("stopped (killed)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    progress.fail("still running");
+    bail!("darwin-vz-nix in {} did not stop; see {}", layout.root.display(), layout.console_log().display())
+}
+
+/// Signals the supervisor, only if the pid file provably names it (pid and start time).
+fn signal_supervisor(layout: &Layout, kill: bool) -> Result<()> {
+    use nix::sys::signal::{Signal, kill as send};
+    let record = PidRecord::read(layout).filter(PidRecord::is_live).context("the lock is held but vm.pid does not name a live darwin-vz-nix; not signalling anything")?;
+    let signal = if kill { Signal::SIGKILL } else { Signal::SIGTERM };
+    send(nix::unistd::Pid::from_raw(record.pid as i32), signal).with_context(|| format!("sending {signal} to pid {}", record.pid))?;
+    Ok(())
+}
+
+fn wait_released(layout: &Layout, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !lock::is_held(layout) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    !lock::is_held(layout)
+}
+
+fn stopped_status(layout: &Layout) -> Result<StatusReport> {
+    let config = EffectiveConfig::load(layout)?;
+    Ok(StatusReport {
+        running: false,
+        pid: None,
+        state_directory: layout.root.display().to_string(),
+        state: VmState::Stopped,
+        engine: config.as_ref().map(|c| c.engine.as_str().to_string()),
+        uptime_seconds: None,
+        ssh_port: None,
+        guest_ip: None,
+        connections: 0,
+        builds_in_flight: 0,
+        idle_seconds: None,
+        idle_timeout_seconds: config.as_ref().map_or(0, |c| c.idle_timeout_seconds),
+        clock_offset_ms: None,
+        disk_bytes: disk::usage(layout).map(|(allocated, size)| control::DiskBytes { allocated, size }),
+        guest_disk_free_bytes: None,
+        boot_count: 0,
+        last_boot_seconds: None,
+        last_error: None,
+    })
+}
+
+fn status(layout: &Layout, json: bool) -> Result<ExitCode> {
+    let report = match live_status(layout) {
+        Some(report) => report,
+        None if lock::is_held(layout) => {
+            // Running but not answering: say what we know rather than guess.
+            let mut report = stopped_status(layout)?;
+            report.running = true;
+            report.pid = PidRecord::read(layout).filter(PidRecord::is_live).map(|r| r.pid);
+            report.last_error = Some("the supervisor does not answer on its control socket".into());
+            report
+        }
+        None => stopped_status(layout)?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", human_status(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_status(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let state = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    match r.pid {
+        Some(pid) => out += &format!("darwin-vz-nix: {state} (pid {pid}, engine {})\n", r.engine.as_deref().unwrap_or("?")),
+        None => out += "darwin-vz-nix: stopped\n",
+    }
+    if let Some(port) = r.ssh_port {
+        out += &format!("  ssh:        127.0.0.1:{port}  (darwin-vz-nix ssh)\n");
+    }
+    if let Some(up) = r.uptime_seconds {
+        out += &format!("  uptime:     {}\n", human_duration(up));
+    }
+    if let Some(ip) = &r.guest_ip {
+        out += &format!("  guest IP:   {ip}\n");
+    }
+    if r.running {
+        let idle = match (r.idle_seconds, r.idle_timeout_seconds) {
+            (Some(idle), 0) => format!("; idle {}", human_duration(idle)),
+            (Some(idle), t) => format!("; idle {} of {}", human_duration(idle), human_duration(t as f64)),
+            (None, _) => String::new(),
+        };
+        out += &format!("  activity:   {} connection(s), {} build(s){idle}\n", r.connections, r.builds_in_flight);
+    }
+    if let Some(offset) = r.clock_offset_ms {
+        out += &format!("  clock:      guest off by {offset} ms\n");
+    }
+    if let Some(d) = r.disk_bytes {
+        let free = r.guest_disk_free_bytes.map(|f| format!(", {} free in the guest", human_bytes(f))).unwrap_or_default();
+        out += &format!("  disk:       {} of {} allocated on the host{free}\n", human_bytes(d.allocated), human_bytes(d.size));
+    }
+    if r.boot_count > 0 {
+        let last = r.last_boot_seconds.map(|s| format!(", last took {s:.1} s")).unwrap_or_default();
+        out += &format!("  boots:      {}{last}\n", r.boot_count);
+    }
+    if let Some(err) = &r.last_error {
+        out += &format!("  last error: {err}\n");
+    }
+    out += &format!("  state dir:  {}\n", r.state_directory);
+    out
+}
+
+fn human_duration(seconds: f64) -> String {
+    let s = seconds as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {
+    if !layout.exists() {
+        println!("nothing to destroy: {} does not exist", layout.root.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if lock::is_held(layout) {
+        bail!("the VM in {} is running; stop it first with `darwin-vz-nix stop`", layout.root.display());
+    }
+    if !yes {
+        if !io::stdin().is_terminal() {
+            return Err(bad_input("destroy deletes the VM's disk: pass --yes to confirm (no terminal to ask on)"));
+        }
+        eprint!("Delete the disk{} of the VM in {}? [y/N] ", if keys { " and ssh keys" } else { "" }, layout.root.display());
+        let mut answer = String::new();
+        io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing deleted");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let _lock = InstanceLock::acquire(layout)?;
+    disk::remove(layout)?;
+    for file in [layout.console_log(), layout.guest_ip(), layout.pid_file(), layout.config_file(), layout.machine_id_file(), layout.mac_file()] {
+        remove_if_exists(&file)?;
+    }
+    let _ = fs::remove_dir_all(layout.runtime_dir());
+    if keys {
+        fs::remove_dir_all(layout.ssh_dir()).or_else(ignore_missing).context("deleting the ssh keys")?;
+        fs::remove_dir_all(layout.guest_config_dir()).or_else(ignore_missing).context("deleting the guest's keys")?;
+    }
+    println!("destroyed the VM in {}{}", layout.root.display(), if keys { " (keys too)" } else { "; ssh keys kept" });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ignore_missing(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    fs::remove_file(path).or_else(ignore_missing).with_context(|| format!("deleting {}", path.display()))
+}
+
+fn logs(layout: &Layout, follow: bool, lines: Option<usize>) -> Result<ExitCode> {
+    let path = layout.console_log();
+    let mut file = match fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !follow => {
+            eprintln!("no console log yet ({})", path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)?;
+    let start = match lines {
+        Some(n) => {
+            let newlines: Vec<usize> = text.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
+            if newlines.len() > n { newlines[newlines.len() - n - 1] + 1 } else { 0 }
+        }
+        None => 0,
+    };
+    let mut out = io::stdout().lock();
+    out.write_all(&text[start..])?;
+    out.flush()?;
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut position = text.len() as u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < position {
+            // Rotated or recreated: start from its beginning.
+            file = fs::File::open(&path)?;
+            position = 0;
+        }
+        file.seek(SeekFrom::Start(position))?;
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        position += n as u64;
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
+}
+
+fn doctor_cmd(layout: &Layout, port: Option<u16>) -> Result<ExitCode> {
+    let configured = EffectiveConfig::load(layout).ok().flatten().map(|c| c.port).filter(|p| *p != 0);
+    let port = port.or(configured).unwrap_or(DEFAULT_SSH_PORT);
+    let mut checks = doctor::run_checks(port);
+    // Our own running supervisor holds the port legitimately.
+    if lock::is_held(layout) {
+        for check in checks.iter_mut().filter(|c| c.name.contains("port")) {
+            if check.status == doctor::CheckStatus::Fail {
+                check.status = doctor::CheckStatus::Ok;
+                check.detail = format!("held by this darwin-vz-nix ({})", layout.root.display());
+            }
+        }
+    }
+    for check in &checks {
+        println!("{:<4} {:<18} {}", check.status.as_str(), check.name, check.detail);
+    }
+    Ok(if doctor::worst(&checks) == doctor::CheckStatus::Fail { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}

@@ -1,0 +1,126 @@
+//! CLI behaviour that needs no VM: help, version, exit codes, and bad input leaving the state untouched.
+
+mod common;
+
+use std::fs;
+
+use common::{Instance, snapshot};
+
+#[test]
+fn help_and_version() {
+    let i = Instance::new();
+    let help = i.run(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for word in ["start", "ssh", "stop", "status", "destroy", "logs", "doctor", "Examples:", "Exit codes"] {
+        assert!(text.contains(word), "help lacks {word}: {text}");
+    }
+    let version = i.run(&["--version"]);
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let start_help = String::from_utf8_lossy(&i.run(&["start", "--help"]).stdout).into_owned();
+    for flag in ["--cores", "--memory", "--disk-size", "--kernel", "--initrd", "--system", "--idle-timeout", "--no-rosetta", "--no-share-nix-store", "--port", "--on-demand", "--verbose"] {
+        assert!(start_help.contains(flag), "start --help lacks {flag}");
+    }
+}
+
+#[test]
+fn status_of_a_missing_state_dir_is_stopped_and_creates_nothing() {
+    let i = Instance::new();
+    let state = i.state().join("never-made");
+    let out = common::Instance::new().cmd(&["status", "--json"]).arg("--state-dir").arg(&state).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["running"], false);
+    assert_eq!(json["state"], "stopped");
+    assert!(json.get("pid").is_none());
+    assert!(!state.exists(), "status must not create the state directory");
+    let out = common::Instance::new().cmd(&["stop"]).arg("--state-dir").arg(&state).output().unwrap();
+    assert!(out.status.success(), "stopping a stopped VM is not an error");
+    assert!(!state.exists());
+}
+
+#[test]
+fn bad_input_exits_2_and_changes_nothing() {
+    let i = Instance::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, initrd) = (dir.path().join("kernel"), dir.path().join("initrd"));
+    fs::write(&kernel, "k").unwrap();
+    fs::write(&initrd, "i").unwrap();
+    // An existing instance with a 2G disk and keys, as after a first start.
+    assert!(i.run(&["init"]).status.success());
+    fs::File::create(i.state().join("disk.img")).unwrap().set_len(2 << 30).unwrap();
+    let before = snapshot(i.state());
+    let (k, r) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["start", "--kernel", k, "--initrd", r, "--cores", "0"],
+        vec!["start", "--kernel", k, "--initrd", r, "--memory", "-1"],
+        vec!["start", "--kernel", k, "--initrd", r, "--memory", "12"],
+        vec!["start", "--kernel", k, "--initrd", r, "--disk-size", "100GB"],
+        vec!["start", "--kernel", k, "--initrd", r, "--disk-size", "0"],
+        vec!["start", "--kernel", k, "--initrd", r, "--disk-size", "-5G"],
+        vec!["start", "--kernel", k, "--initrd", r, "--disk-size", "99999999999T"],
+        vec!["start", "--kernel", k, "--initrd", r, "--disk-size", "1G"],
+        vec!["start", "--kernel", k, "--initrd", r, "--idle-timeout", "soon"],
+        vec!["start", "--kernel", k, "--initrd", r, "--port", "65536"],
+        vec!["start", "--kernel", "/nonexistent/kernel", "--initrd", r],
+        vec!["start", "--kernel", k, "--initrd", dir.path().to_str().unwrap()],
+        vec!["start", "--kernel", k, "--initrd", r, "--system", "/nonexistent"],
+        vec!["start", "--kernel", k, "--initrd", r, "--rosetta", "--engine", "qemu"],
+        vec!["start", "--kernel", k, "--initrd", r, "--engine", "vz"],
+        vec!["start", "--initrd", r],
+        vec!["stop", "--timeout", "x"],
+        vec!["destroy"],
+        vec!["frobnicate"],
+    ];
+    for args in cases {
+        let out = i.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} should exit 2; stderr: {stderr}");
+        assert!(!stderr.trim().is_empty(), "{args:?} printed no reason");
+        assert!(stderr.lines().filter(|l| l.contains("error")).count() <= 1, "{args:?}: one message, not a cascade: {stderr}");
+        assert_eq!(snapshot(i.state()), before, "{args:?} changed the state directory");
+    }
+    let shrink = String::from_utf8_lossy(&i.run(&["start", "--kernel", k, "--initrd", r, "--disk-size", "1G"]).stderr).into_owned();
+    assert!(shrink.contains("smaller than the existing disk") && shrink.contains("2G"), "{shrink}");
+}
+
+#[test]
+fn init_is_idempotent_and_keys_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let i = Instance::new();
+    assert!(i.run(&["init"]).status.success());
+    let first = snapshot(i.state());
+    assert!(i.run(&["init"]).status.success());
+    assert_eq!(snapshot(i.state()), first);
+    let mode = fs::metadata(i.state().join("ssh/id_ed25519")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let keygen = std::process::Command::new("ssh-keygen").arg("-y").arg("-f").arg(i.state().join("ssh/id_ed25519")).output();
+    if let Ok(out) = keygen {
+        assert!(out.status.success(), "ssh-keygen cannot read our key: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let known = fs::read_to_string(i.state().join("ssh/known_hosts")).unwrap();
+    assert!(known.starts_with("darwin-vz-nix ssh-ed25519 "), "{known}");
+}
+
+#[test]
+fn ssh_without_a_vm_says_what_to_do() {
+    let i = Instance::new();
+    let out = i.run(&["ssh", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("start"));
+}
+
+#[test]
+fn destroy_refuses_without_yes_and_deletes_with_it() {
+    let i = Instance::new();
+    assert!(i.run(&["init"]).status.success());
+    fs::write(i.state().join("disk.img"), "x").unwrap();
+    assert_eq!(i.run(&["destroy"]).status.code(), Some(2));
+    assert!(i.state().join("disk.img").exists());
+    assert!(i.run(&["destroy", "--yes"]).status.success());
+    assert!(!i.state().join("disk.img").exists());
+    assert!(i.state().join("ssh/id_ed25519").exists(), "keys are kept by default");
+    assert!(i.run(&["destroy", "--yes", "--keys"]).status.success());
+    assert!(!i.state().join("ssh/id_ed25519").exists());
+}
