@@ -66,6 +66,9 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
     layout.create()?;
     let _lock = InstanceLock::acquire(layout)?;
     ssh::ensure_keys(layout)?;
+    if let Err(err) = launch::write_nix_registration(layout, &config, Path::new("nix-store")) {
+        tracing::warn!("cannot register the guest system's store paths ({err}); the guest will not garbage-collect its store");
+    }
     if config.ephemeral {
         // A fresh sparse disk each start; the guest formats it.
         disk::remove(layout)?;

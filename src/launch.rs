@@ -138,6 +138,35 @@ pub fn write_guest_settings(layout: &Layout, config: &EffectiveConfig, host_unix
     write_atomic(&layout.guest_config_dir().join(FILE_SETTINGS), &json, 0o644)
 }
 
+/// File in the `dvn-config` share with the Nix database entries of the guest system's closure.
+pub const FILE_NIX_REGISTRATION: &str = "nix-registration";
+
+/// Registers the guest system's closure for the guest's nix-daemon (`nix-store --load-db` at boot), so it
+/// treats those lower-layer paths as valid and its garbage collector never deletes what it runs from.
+/// Only the closure of `--system`: it is a GC root on the host (the launchd job names it), whereas any other
+/// host path could be collected by the host while the guest believes it valid.
+pub fn write_nix_registration(layout: &Layout, config: &EffectiveConfig, nix_store: &Path) -> Result<(), String> {
+    let target = layout.guest_config_dir().join(FILE_NIX_REGISTRATION);
+    let Some(system) = config.system.as_ref().filter(|_| config.share_nix_store) else {
+        return fs::remove_file(&target)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|e| e.to_string());
+    };
+    let run = |args: &[&std::ffi::OsStr]| -> Result<Vec<u8>, String> {
+        let out = std::process::Command::new(nix_store).args(args).output().map_err(|e| format!("running {}: {e}", nix_store.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} {:?} failed: {}", nix_store.display(), args, String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(out.stdout)
+    };
+    let closure = run(&["--query".as_ref(), "--requisites".as_ref(), system.as_os_str()])?;
+    let paths: Vec<std::ffi::OsString> = String::from_utf8_lossy(&closure).lines().map(Into::into).collect();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--dump-db".as_ref()];
+    args.extend(paths.iter().map(|p| p.as_os_str()));
+    let registration = run(&args)?;
+    write_atomic(&target, &registration, 0o644).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +215,33 @@ mod tests {
         assert!(err.contains("--rosetta needs the vz engine"), "{err}");
         let err = validate_start(&start_args(&["--system", "/"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap_err().to_string();
         assert!(err.contains("toplevel"), "{err}");
+    }
+
+    #[test]
+    fn nix_registration_covers_the_system_closure() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        layout.create().unwrap();
+        let fake = dir.path().join("nix-store");
+        fs::write(&fake, "#!/bin/sh\ncase \"$1\" in --query) echo /nix/store/aaa-sys; echo /nix/store/bbb-glibc;; --dump-db) shift; echo \"db $*\";; esac\n").unwrap();
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        let (k, i) = (dir.path().join("kernel"), dir.path().join("initrd"));
+        fs::write(&k, "k").unwrap();
+        fs::write(&i, "i").unwrap();
+        let system = dir.path().join("system");
+        fs::create_dir(&system).unwrap();
+        fs::write(system.join("init"), "").unwrap();
+        let args = start_args(&["--system", system.to_str().unwrap()], &k, &i);
+        let (config, _) = validate_start(&args, EngineKind::Qemu, &layout).unwrap().unwrap();
+        write_nix_registration(&layout, &config, &fake).unwrap();
+        let target = layout.guest_config_dir().join(FILE_NIX_REGISTRATION);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "db /nix/store/aaa-sys /nix/store/bbb-glibc\n");
+        let no_share = EffectiveConfig { share_nix_store: false, ..config.clone() };
+        write_nix_registration(&layout, &no_share, &fake).unwrap();
+        assert!(!target.exists(), "no stale registration without the store share");
+        let err = write_nix_registration(&layout, &config, Path::new("/nonexistent/nix-store")).unwrap_err();
+        assert!(err.contains("/nonexistent/nix-store"), "{err}");
     }
 
     #[test]

@@ -164,6 +164,10 @@ in
           echo "extra-sandbox-paths = ${rosettaDir}" >> /run/dvn/nix.conf.new
         fi
         mv /run/dvn/nix.conf.new /run/dvn/nix.conf
+
+        # The share shows files with the host's uid, which may be builder's: once copied, unmount it so
+        # nothing in the guest can read the host key through it.
+        umount ${configDir} || true
       '';
     };
 
