@@ -26,8 +26,8 @@ let
   pathsSetByUser = builtins.any (o: o.highestPrio < (mkDefault "").priority)
     [ opts.kernelPath opts.initrdPath opts.systemPath ];
 
-  # Same syntax as the CLI: bytes, or a number with a K/M/G/T suffix (powers of 1024), not zero.
-  diskSizeValid = builtins.match "0*[1-9][0-9]*[KkMmGgTt]?" cfg.diskSize != null;
+  # Same syntax as the CLI: bytes, or a number with K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024), not zero.
+  diskSizeValid = builtins.match "0*[1-9][0-9]*([KkMmGgTt]([Ii][Bb])?|[Bb])?" cfg.diskSize != null;
 
   startArgs = [
     "--state-dir"
