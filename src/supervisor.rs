@@ -110,13 +110,6 @@ pub struct Supervisor {
     port: u16,
 }
 
-/// How the supervisor ended, for the exit code.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Stopped by request, signal, idle timeout or a guest poweroff.
-    Stopped,
-}
-
 impl Supervisor {
     pub fn new(
         layout: Layout,
@@ -155,8 +148,9 @@ impl Supervisor {
         self.port
     }
 
-    /// Runs until stopped. Ok(Stopped) for every orderly end; Err for a boot failure or crash without on-demand.
-    pub fn run(mut self) -> Result<Outcome, SupervisorError> {
+    /// Runs until stopped: Ok for every orderly end (request, signal, idle timeout, guest poweroff); Err for a
+    /// boot failure or a crash when not on demand.
+    pub fn run(mut self) -> Result<(), SupervisorError> {
         self.spawn_signal_thread();
         self.spawn_control_thread()?;
         self.spawn_accept_thread();
@@ -165,11 +159,12 @@ impl Supervisor {
         result
     }
 
-    fn main_loop(&mut self) -> Result<Outcome, SupervisorError> {
+    fn main_loop(&mut self) -> Result<(), SupervisorError> {
         if self.config.on_demand {
             tracing::info!("listening on 127.0.0.1:{}; the VM boots at the first connection", self.port);
-        } else {
-            self.boot()?
+        } else if let Err(err) = self.boot() {
+            // Interrupted while booting is an orderly stop, not a failure.
+            return if self.shared.live().exiting { Ok(()) } else { Err(err) };
         }
         let mut last_status = Instant::now();
         let mut last_sync = Instant::now();
@@ -180,6 +175,9 @@ impl Supervisor {
                     let state = self.shared.live().state;
                     if state == VmState::Waiting {
                         if let Err(err) = self.boot() {
+                            if self.shared.live().exiting {
+                                return Ok(());
+                            }
                             tracing::error!("{err}");
                             if !self.config.on_demand {
                                 return Err(err);
@@ -191,12 +189,12 @@ impl Supervisor {
                 }
                 Ok(Event::Stop { force }) => {
                     self.stop_vm(force);
-                    return Ok(Outcome::Stopped);
+                    return Ok(());
                 }
                 Ok(Event::Signal) => {
                     tracing::info!("signal received: shutting the guest down");
                     self.stop_vm(false);
-                    return Ok(Outcome::Stopped);
+                    return Ok(());
                 }
                 Ok(Event::ShiftClock { seconds, reply }) => {
                     let result = self.with_machine(|m| {
@@ -205,7 +203,7 @@ impl Supervisor {
                     let _ = reply.send(result.unwrap_or_else(|| Err("the VM is not running".into())));
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(Outcome::Stopped),
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
 
             let Some(machine) = self.shared.live().machine.clone() else { continue };
@@ -215,7 +213,7 @@ impl Supervisor {
                     continue;
                 }
                 return match reason {
-                    StopReason::GuestShutdown | StopReason::Forced => Ok(Outcome::Stopped),
+                    StopReason::GuestShutdown | StopReason::Forced => Ok(()),
                     StopReason::Error(e) => Err(SupervisorError::Crashed(e)),
                 };
             }
@@ -231,7 +229,7 @@ impl Supervisor {
                 tracing::info!("idle for {}: stopping the VM", crate::units::format_duration(self.idle_timeout()));
                 self.stop_vm(false);
                 if !self.config.on_demand {
-                    return Ok(Outcome::Stopped);
+                    return Ok(());
                 }
                 tracing::info!("listening on 127.0.0.1:{}; the VM boots at the next connection", self.port);
             }

@@ -203,3 +203,16 @@ fn openssh_reaches_the_guest_through_the_loopback_port_directly() {
     let _ = BOOT_TIMEOUT;
     assert_eq!(vm.stop(&[]), 0);
 }
+
+#[test]
+fn interrupt_during_boot_is_an_orderly_stop() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut vm = Instance::new();
+    vm.spawn_start(&[]);
+    let booting = vm.wait_state_in(&["booting"], Duration::from_secs(30));
+    kill(Pid::from_raw(booting["pid"].as_u64().unwrap() as i32), Signal::SIGINT).unwrap();
+    assert_eq!(vm.wait_supervisor_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+    vm.assert_nothing_left();
+    assert_eq!(vm.status()["state"], "stopped");
+}
