@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use dvn::cli::{Cli, Command, DEFAULT_SSH_PORT, DebugCommand, StartArgs, split_ssh_args};
-use dvn::control::{self, ControlRequest, StatusReport, VmState};
+use dvn::control::{self, ControlRequest, StatusReport};
 use dvn::engine::{self, EngineKind};
 use dvn::instance::lock::{self, InstanceLock};
 use dvn::instance::process::PidRecord;
@@ -194,24 +194,10 @@ fn wait_released(layout: &Layout, timeout: Duration) -> bool {
 fn stopped_status(layout: &Layout) -> Result<StatusReport> {
     let config = EffectiveConfig::load(layout)?;
     Ok(StatusReport {
-        running: false,
-        pid: None,
-        state_directory: layout.root.display().to_string(),
-        state: VmState::Stopped,
         engine: config.as_ref().map(|c| c.engine.as_str().to_string()),
-        uptime_seconds: None,
-        ssh_port: None,
-        guest_ip: None,
-        connections: 0,
-        builds_in_flight: 0,
-        idle_seconds: None,
         idle_timeout_seconds: config.as_ref().map_or(0, |c| c.idle_timeout_seconds),
-        clock_offset_ms: None,
         disk_bytes: disk::usage(layout).map(|(allocated, size)| control::DiskBytes { allocated, size }),
-        guest_disk_free_bytes: None,
-        boot_count: 0,
-        last_boot_seconds: None,
-        last_error: None,
+        ..StatusReport::stopped(layout.root.display().to_string())
     })
 }
 

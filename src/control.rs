@@ -69,6 +69,32 @@ pub struct StatusReport {
     pub last_error: Option<String>,
 }
 
+impl StatusReport {
+    /// What is known of an instance whose supervisor does not run.
+    pub fn stopped(state_directory: String) -> Self {
+        StatusReport {
+            running: false,
+            pid: None,
+            state_directory,
+            state: VmState::Stopped,
+            engine: None,
+            uptime_seconds: None,
+            ssh_port: None,
+            guest_ip: None,
+            connections: 0,
+            builds_in_flight: 0,
+            idle_seconds: None,
+            idle_timeout_seconds: 0,
+            clock_offset_ms: None,
+            disk_bytes: None,
+            guest_disk_free_bytes: None,
+            boot_count: 0,
+            last_boot_seconds: None,
+            last_error: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlReply {
     pub ok: bool,
@@ -111,26 +137,7 @@ mod tests {
 
     #[test]
     fn status_json_keeps_the_seed_keys() {
-        let report = StatusReport {
-            running: false,
-            pid: None,
-            state_directory: "/s".into(),
-            state: VmState::Stopped,
-            engine: None,
-            uptime_seconds: None,
-            ssh_port: None,
-            guest_ip: None,
-            connections: 0,
-            builds_in_flight: 0,
-            idle_seconds: None,
-            idle_timeout_seconds: 0,
-            clock_offset_ms: None,
-            disk_bytes: None,
-            guest_disk_free_bytes: None,
-            boot_count: 0,
-            last_boot_seconds: None,
-            last_error: None,
-        };
+        let report = StatusReport::stopped("/s".into());
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["running"], false);
         assert!(json.get("pid").is_none(), "pid only when running");
