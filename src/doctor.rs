@@ -300,7 +300,16 @@ mod linux {
             true,
             "install vhost-device-vsock (nixpkgs#vhost-device-vsock, or `cargo install vhost-device-vsock`)",
         ));
-        out.push(kvm_verdict(Path::new("/dev/kvm").exists(), std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()));
+        let mut kvm =
+            kvm_verdict(Path::new("/dev/kvm").exists(), std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok());
+        // An openable /dev/kvm is not enough (nested KVM can fail): ask the engine's own probe.
+        if kvm.status == CheckStatus::Ok
+            && let Ok(engine) = crate::engine::qemu::QemuEngine::detect()
+            && let (crate::engine::qemu::Accel::Tcg, why) = engine.choose_accel()
+        {
+            kvm = Check::new("kvm", CheckStatus::Warn, format!("{why}: QEMU emulates the CPU (slow, but it works)"));
+        }
+        out.push(kvm);
         out
     }
 }
