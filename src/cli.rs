@@ -152,13 +152,13 @@ pub struct StartArgs {
     #[arg(long, overrides_with = "no_rosetta")]
     pub rosetta: bool,
     /// Do not share Rosetta.
-    #[arg(long)]
+    #[arg(long, overrides_with = "rosetta")]
     pub no_rosetta: bool,
-    /// Share the host's /nix/store read-only with the guest (default).
+    /// Share the host's /nix/store read-only with the guest [default: when the host has one].
     #[arg(long, overrides_with = "no_share_nix_store")]
     pub share_nix_store: bool,
     /// Do not share the host's /nix/store.
-    #[arg(long)]
+    #[arg(long, overrides_with = "share_nix_store")]
     pub no_share_nix_store: bool,
     /// Loopback port of the ssh proxy; 0 picks a free one (see `status`).
     #[arg(long, default_value_t = DEFAULT_SSH_PORT)]
@@ -186,8 +186,12 @@ impl StartArgs {
         }
     }
 
-    pub fn share_nix_store(&self) -> bool {
-        !self.no_share_nix_store
+    pub fn share_nix_store_requested(&self) -> Option<bool> {
+        match (self.share_nix_store, self.no_share_nix_store) {
+            (true, _) => Some(true),
+            (false, true) => Some(false),
+            (false, false) => None,
+        }
     }
 }
 
@@ -214,7 +218,7 @@ mod tests {
         assert_eq!((s.cores, s.memory, s.disk_size.0), (4, 8192, 100 << 30));
         assert_eq!(s.idle_timeout, Duration::ZERO);
         assert_eq!(s.rosetta_requested(), None);
-        assert!(s.share_nix_store());
+        assert_eq!(s.share_nix_store_requested(), None);
         assert_eq!(s.port, DEFAULT_SSH_PORT);
         assert!(!s.on_demand && !s.ephemeral && !s.verbose);
     }
@@ -224,7 +228,10 @@ mod tests {
         assert_eq!(start(&["--no-rosetta"]).rosetta_requested(), Some(false));
         assert_eq!(start(&["--rosetta"]).rosetta_requested(), Some(true));
         assert_eq!(start(&["--no-rosetta", "--rosetta"]).rosetta_requested(), Some(true));
-        assert!(!start(&["--no-share-nix-store"]).share_nix_store());
+        assert_eq!(start(&["--rosetta", "--no-rosetta"]).rosetta_requested(), Some(false), "the last one wins");
+        assert_eq!(start(&["--no-share-nix-store"]).share_nix_store_requested(), Some(false));
+        assert_eq!(start(&["--no-share-nix-store", "--share-nix-store"]).share_nix_store_requested(), Some(true));
+        assert_eq!(start(&["--share-nix-store", "--no-share-nix-store"]).share_nix_store_requested(), Some(false));
         assert_eq!(start(&["--idle-timeout", "15m"]).idle_timeout, Duration::from_secs(900));
         assert_eq!(start(&["--idle-timeout", "3"]).idle_timeout, Duration::from_secs(180));
         assert_eq!(start(&["--disk-size", "20GiB"]).disk_size.0, 20 << 30);

@@ -22,7 +22,11 @@ pub enum InputError {
     Unsupported(String),
 }
 
+/// The host store shared as `nix-store`.
+pub const HOST_NIX_STORE: &str = "/nix/store";
+
 /// Checks a start request without writing anything; returns the effective configuration and the disk plan.
+/// The outer error is a failure to read the state directory, the inner one bad input.
 pub fn validate_start(
     args: &StartArgs,
     engine: EngineKind,
@@ -53,6 +57,10 @@ pub fn validate_start(
     if let Err(e) = check() {
         return Ok(Err(e));
     }
+    let share_nix_store = match decide_store_share(args.share_nix_store_requested(), Path::new(HOST_NIX_STORE)) {
+        Ok(share) => share,
+        Err(e) => return Ok(Err(e)),
+    };
     let plan = match disk::plan(layout, args.disk_size)? {
         Ok(plan) => plan,
         Err(e) => return Ok(Err(e.into())),
@@ -68,13 +76,32 @@ pub fn validate_start(
         system: args.system.as_deref().map(absolute),
         idle_timeout_seconds: args.idle_timeout.as_secs(),
         rosetta: args.rosetta_requested(),
-        share_nix_store: args.share_nix_store(),
+        share_nix_store,
         port: args.port,
         on_demand: args.on_demand,
         ephemeral: args.ephemeral,
         max_jobs: args.max_jobs.unwrap_or(args.cores),
     };
     Ok(Ok((config, plan)))
+}
+
+/// Whether to share the host store: asked for explicitly, it must exist; by default, only when it does.
+fn decide_store_share(requested: Option<bool>, host_store: &Path) -> Result<bool, InputError> {
+    match requested {
+        Some(true) if !host_store.is_dir() => Err(InputError::BadPath {
+            flag: "--share-nix-store",
+            path: host_store.to_path_buf(),
+            problem: "does not exist on this host (is Nix installed?); use --no-share-nix-store".into(),
+        }),
+        Some(share) => Ok(share),
+        None => {
+            let exists = host_store.is_dir();
+            if !exists {
+                tracing::warn!("{} does not exist on this host: the guest boots without the nix-store share", host_store.display());
+            }
+            Ok(exists)
+        }
+    }
 }
 
 fn require_file(flag: &'static str, path: &Path) -> Result<(), InputError> {
@@ -102,7 +129,7 @@ pub fn kernel_cmdline(system: Option<&Path>) -> Vec<String> {
 pub fn vm_spec(layout: &Layout, config: &EffectiveConfig, mac: String) -> VmSpec {
     let mut shares = vec![ShareSpec { tag: TAG_CONFIG.into(), host_path: layout.guest_config_dir(), read_only: true }];
     if config.share_nix_store {
-        shares.push(ShareSpec { tag: TAG_NIX_STORE.into(), host_path: PathBuf::from("/nix/store"), read_only: true });
+        shares.push(ShareSpec { tag: TAG_NIX_STORE.into(), host_path: PathBuf::from(HOST_NIX_STORE), read_only: true });
     }
     VmSpec {
         cpus: config.cores,
@@ -242,6 +269,17 @@ mod tests {
         assert!(!target.exists(), "no stale registration without the store share");
         let err = write_nix_registration(&layout, &config, Path::new("/nonexistent/nix-store")).unwrap_err();
         assert!(err.contains("/nonexistent/nix-store"), "{err}");
+    }
+
+    #[test]
+    fn store_share_needs_a_host_store_only_when_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-store");
+        assert!(!decide_store_share(None, &missing).unwrap(), "default: skipped without a host store");
+        assert!(decide_store_share(None, dir.path()).unwrap());
+        let err = decide_store_share(Some(true), &missing).unwrap_err().to_string();
+        assert!(err.starts_with("--share-nix-store ") && err.contains("--no-share-nix-store"), "{err}");
+        assert!(!decide_store_share(Some(false), dir.path()).unwrap());
     }
 
     #[test]
