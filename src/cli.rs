@@ -175,6 +175,9 @@ pub struct StartArgs {
     /// Copy the VM's console output to stderr.
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// Write the supervisor's log to this file instead of stderr; it follows rotation (newsyslog, logrotate).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
 }
 
 impl StartArgs {

@@ -12,6 +12,7 @@ pub mod guest_config;
 pub mod instance;
 pub mod launch;
 pub mod listener;
+pub mod logfile;
 pub mod progress;
 pub mod relay;
 pub mod spec;

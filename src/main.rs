@@ -18,7 +18,14 @@ fn main() -> ExitCode {
             return ExitCode::from(err.exit_code() as u8);
         }
     };
-    init_logging();
+    let log_file = match &cli.command {
+        dvn::cli::Command::Start(args) => args.log_file.clone(),
+        _ => None,
+    };
+    if let Err(err) = init_logging(log_file.as_deref()) {
+        eprintln!("darwin-vz-nix: error: {err}");
+        return ExitCode::from(1);
+    }
     match commands::run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -28,14 +35,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(log_file: Option<&std::path::Path>) -> std::io::Result<()> {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DVN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = || tracing_subscriber::EnvFilter::try_from_env("DVN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if let Some(path) = log_file {
+        let writer = dvn::logfile::ReopeningFile::open(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("opening the log file {}: {e}", path.display())))?;
+        tracing_subscriber::fmt().with_env_filter(filter()).with_writer(writer).with_target(false).with_ansi(false).init();
+        return Ok(());
+    }
     let terminal = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(terminal);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_target(false).with_ansi(terminal);
     if terminal {
         builder.without_time().init();
     } else {
         builder.init();
     }
+    Ok(())
 }

@@ -5,7 +5,7 @@
 //! thread and one thread per proxied connection; a control-socket thread; a signal thread. They talk to the
 //! main thread over a channel and read shared state under one mutex.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixListener;
@@ -19,6 +19,7 @@ use crate::control::{self, ControlReply, ControlRequest, DiskBytes, StatusReport
 use crate::engine::{Engine, Machine, StopReason};
 use crate::instance::{EffectiveConfig, Layout, disk, write_atomic};
 use crate::launch;
+use crate::logfile::ReopeningFile;
 use crate::progress::Progress;
 use crate::spec::{VSOCK_PORT_SSH, VmSpec};
 
@@ -645,15 +646,16 @@ fn live_status(shared: &Shared, base: &StatusBase) -> StatusReport {
     }
 }
 
-/// Appends the guest console to console.log (with a marker per boot), and to stderr with --verbose.
+/// Appends the guest console to console.log (with a marker per boot, following rotation), and to stderr with
+/// --verbose.
 struct ConsoleSink {
-    log: File,
+    log: ReopeningFile,
     echo: bool,
 }
 
 impl ConsoleSink {
     fn open(layout: &Layout, echo: bool, boot_number: u32) -> io::Result<Self> {
-        let mut log = File::options().create(true).append(true).open(layout.console_log())?;
+        let mut log = ReopeningFile::open(layout.console_log())?;
         let stamp = humantime_utc(SystemTime::now());
         writeln!(log, "\n===== darwin-vz-nix: boot {boot_number} at {stamp} (pid {}) =====", std::process::id())?;
         Ok(ConsoleSink { log, echo })

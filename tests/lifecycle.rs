@@ -215,3 +215,22 @@ fn interrupt_during_boot_is_an_orderly_stop() {
     vm.assert_nothing_left();
     assert_eq!(vm.status()["state"], "stopped");
 }
+
+#[test]
+fn logs_follow_rotation_without_losing_lines() {
+    let mut vm = Instance::new();
+    let log = vm.state().join("daemon.log");
+    vm.start_ready(&["--log-file", log.to_str().unwrap()]);
+    assert!(fs::read_to_string(&log).unwrap().contains("ready in"), "the supervisor logs to --log-file");
+    // What newsyslog does: rename, no signal.
+    fs::rename(&log, vm.state().join("daemon.log.0")).unwrap();
+    fs::rename(vm.state().join("console.log"), vm.state().join("console.log.0")).unwrap();
+    assert_eq!(vm.stop(&[]), 0);
+    let after = fs::read_to_string(&log).expect("a new daemon.log after rotation");
+    assert!(after.contains("the guest shut down"), "{after}");
+    let console = fs::read_to_string(vm.state().join("console.log")).expect("a new console.log after rotation");
+    assert!(console.contains("dvn-guest: poweroff"), "{console}");
+    assert!(fs::read_to_string(vm.state().join("console.log.0")).unwrap().contains("dvn-guest: ready"));
+    let out = vm.run(&["logs", "-n", "1"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}

@@ -15,6 +15,8 @@ let
 
   hostAlias = "darwin-vz-nix";
   logFile = "${wd}/daemon.log";
+  # What launchd itself captures: only what is printed before logging starts (and --verbose's console copy).
+  launchdLog = "${wd}/launchd.log";
 
   # The guest is built from `guestConfiguration` with `extraNixOSConfig` on top.
   guest =
@@ -52,6 +54,8 @@ let
     (toString cfg.port)
     "--max-jobs"
     (toString cfg.maxJobs)
+    "--log-file"
+    logFile
   ]
   ++ optional cfg.onDemand "--on-demand"
   ++ optional cfg.ephemeral "--ephemeral"
@@ -214,7 +218,7 @@ in
     verbose = mkOption {
       type = types.bool;
       default = false;
-      description = "Copy the VM console to the daemon log.";
+      description = "Also copy the VM console (always in console.log) to launchd.log in the working directory.";
     };
   };
 
@@ -294,14 +298,16 @@ in
           UpdateHostKeys no
       '';
 
-      # launchd keeps its descriptor of daemon.log open. newsyslog renames the file (N: no signal to send,
-      # B: no turnover line); the running daemon keeps appending to the renamed daemon.log.0 and the next
-      # start writes to the new daemon.log, so no line is lost. No compression: that would drop what is
-      # written to daemon.log.0 after it was compressed. Only daemon.log.0 can be open, so deleting the
-      # oldest of 5 files never loses output.
+      # darwin-vz-nix writes daemon.log and console.log itself and reopens them when they are renamed, so
+      # newsyslog needs no signal (N) and no line is lost. launchd.log is held open by launchd while the job
+      # runs; it only gets what is printed before logging starts, so rotating it by rename loses nothing
+      # either (lines land in launchd.log.0 until the next start). No compression: a file may still be written
+      # for an instant after it was renamed.
       environment.etc."newsyslog.d/darwin-vz-nix.conf".text = ''
         # logfilename                       [owner:group]  mode  count  size(KB)  when  flags
-        ${logFile}  root:wheel  640  5  10240  *  NB
+        ${logFile}  root:wheel  640  5  10240  *  N
+        ${wd}/console.log  root:wheel  640  5  10240  *  N
+        ${launchdLog}  root:wheel  640  3  1024  *  NB
       '';
 
       # Runs before launchd jobs are (re)loaded, so the state directory and keys exist at the first start.
@@ -326,8 +332,8 @@ in
             "${cfg.package}/bin/darwin-vz-nix"
           ] ++ startArgs;
           WorkingDirectory = wd;
-          StandardOutPath = logFile;
-          StandardErrorPath = logFile;
+          StandardOutPath = launchdLog;
+          StandardErrorPath = launchdLog;
           ProcessType = "Interactive";
           # Time for the guest to shut down cleanly after SIGTERM (launchctl bootout, shutdown).
           ExitTimeOut = 60;

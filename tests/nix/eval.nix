@@ -115,6 +115,8 @@ let
     "31122"
     "--max-jobs"
     "4"
+    "--log-file"
+    "/var/lib/darwin-vz-nix/daemon.log"
     "--on-demand"
   ];
 
@@ -140,8 +142,8 @@ let
         KeepAlive = null;
         Label = "org.nixos.darwin-vz-nix";
         UserName = "root";
-        StandardOutPath = "/var/lib/darwin-vz-nix/daemon.log";
-        StandardErrorPath = "/var/lib/darwin-vz-nix/daemon.log";
+        StandardOutPath = "/var/lib/darwin-vz-nix/launchd.log";
+        StandardErrorPath = "/var/lib/darwin-vz-nix/launchd.log";
         listener = { SockNodeName = "127.0.0.1"; SockServiceName = "31122"; SockType = "stream"; SockFamily = "IPv4"; };
       };
     }
@@ -201,9 +203,15 @@ let
       expected = { init = true; inScript = true; };
     }
     {
-      name = "defaults: newsyslog rotates daemon.log without signal or compression";
-      got = builtins.match ".*\n(/var/lib/darwin-vz-nix/daemon.log +root:wheel +640 +5 +10240 +\\* +NB)\n" defaults.environment.etc."newsyslog.d/darwin-vz-nix.conf".text != null;
-      expected = true;
+      name = "defaults: newsyslog rotates the logs without signal or compression";
+      got = map
+        (line: builtins.match ".*\n(${line})\n.*" defaults.environment.etc."newsyslog.d/darwin-vz-nix.conf".text != null)
+        [
+          "/var/lib/darwin-vz-nix/daemon.log +root:wheel +640 +5 +10240 +\\* +N"
+          "/var/lib/darwin-vz-nix/console.log +root:wheel +640 +5 +10240 +\\* +N"
+          "/var/lib/darwin-vz-nix/launchd.log +root:wheel +640 +3 +1024 +\\* +NB"
+        ];
+      expected = [ true true true ];
     }
     {
       name = "defaults: no failed assertions, no warnings";
@@ -232,7 +240,7 @@ let
     }
     {
       name = "ephemeral + verbose are passed to start";
-      got = lib.drop 22 (args ephemeral);
+      got = lib.drop 24 (args ephemeral);
       expected = [ "--on-demand" "--ephemeral" "--verbose" ];
     }
     {

@@ -1,0 +1,90 @@
+//! An append-only log file that follows rotation: when newsyslog (or logrotate) renames it, the next write
+//! goes to a new file at the same path. No signal is needed and no line is written to a file being rotated away
+//! for longer than one write.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone)]
+pub struct ReopeningFile {
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
+    path: PathBuf,
+    file: File,
+    identity: (u64, u64),
+}
+
+fn open_append(path: &Path) -> io::Result<(File, (u64, u64))> {
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let meta = file.metadata()?;
+    Ok((file, (meta.dev(), meta.ino())))
+}
+
+impl ReopeningFile {
+    pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        let (file, identity) = open_append(&path)?;
+        Ok(ReopeningFile { inner: Arc::new(Mutex::new(Inner { path, file, identity })) })
+    }
+}
+
+impl Inner {
+    /// Reopens when the path no longer names the open file (renamed or deleted by rotation).
+    fn follow_rotation(&mut self) -> io::Result<()> {
+        let current = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino())).ok();
+        if current != Some(self.identity) {
+            let (file, identity) = open_append(&self.path)?;
+            self.file = file;
+            self.identity = identity;
+        }
+        Ok(())
+    }
+}
+
+impl Write for ReopeningFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.follow_rotation()?;
+        inner.file.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).file.flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ReopeningFile {
+    type Writer = ReopeningFile;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follows_rename_and_delete_without_losing_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.log");
+        let mut log = ReopeningFile::open(&path).unwrap();
+        writeln!(log, "one").unwrap();
+        std::fs::rename(&path, dir.path().join("daemon.log.0")).unwrap();
+        writeln!(log, "two").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        writeln!(log, "three").unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("daemon.log.0")).unwrap(), "one\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+        // "two" went to the file that replaced the renamed one, and that file was deleted by the test itself.
+        let mut clone = log.clone();
+        writeln!(clone, "four").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\nfour\n");
+    }
+}
