@@ -308,26 +308,23 @@ fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {
     }
     let _lock = InstanceLock::acquire(layout)?;
     disk::remove(layout)?;
-    for file in
-        [layout.console_log(), layout.guest_ip(), layout.pid_file(), layout.config_file(), layout.machine_id_file(), layout.mac_file()]
-    {
-        remove_if_exists(&file)?;
-    }
-    let _ = fs::remove_dir_all(layout.runtime_dir());
+    let mut doomed = vec![
+        layout.console_log(),
+        layout.guest_ip(),
+        layout.pid_file(),
+        layout.config_file(),
+        layout.machine_id_file(),
+        layout.mac_file(),
+        layout.runtime_dir(),
+    ];
     if keys {
-        fs::remove_dir_all(layout.ssh_dir()).or_else(ignore_missing).context("deleting the ssh keys")?;
-        fs::remove_dir_all(layout.guest_config_dir()).or_else(ignore_missing).context("deleting the guest's keys")?;
+        doomed.extend([layout.ssh_dir(), layout.guest_config_dir()]);
+    }
+    for path in doomed {
+        instance::remove_path(&path)?;
     }
     println!("destroyed the VM in {}{}", layout.root.display(), if keys { " (keys too)" } else { "; ssh keys kept" });
     Ok(ExitCode::SUCCESS)
-}
-
-fn ignore_missing(e: io::Error) -> io::Result<()> {
-    if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
-}
-
-fn remove_if_exists(path: &Path) -> Result<()> {
-    fs::remove_file(path).or_else(ignore_missing).with_context(|| format!("deleting {}", path.display()))
 }
 
 fn logs(layout: &Layout, follow: bool, lines: Option<usize>) -> Result<ExitCode> {

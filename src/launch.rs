@@ -175,9 +175,7 @@ pub const FILE_NIX_REGISTRATION: &str = "nix-registration";
 pub fn write_nix_registration(layout: &Layout, config: &EffectiveConfig, nix_store: &Path) -> Result<(), String> {
     let target = layout.guest_config_dir().join(FILE_NIX_REGISTRATION);
     let Some(system) = config.system.as_ref().filter(|_| config.share_nix_store) else {
-        return fs::remove_file(&target)
-            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-            .map_err(|e| e.to_string());
+        return crate::instance::remove_path(&target).map_err(|e| e.to_string());
     };
     let run = |args: &[&std::ffi::OsStr]| -> Result<Vec<u8>, String> {
         let out = std::process::Command::new(nix_store).args(args).output().map_err(|e| format!("running {}: {e}", nix_store.display()))?;

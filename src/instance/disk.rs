@@ -55,13 +55,9 @@ pub fn apply(layout: &Layout, plan: DiskPlan) -> Result<(), InstanceError> {
     }
 }
 
-/// Reformats nothing: just deletes the image, for `--ephemeral` and `destroy`.
+/// Deletes the image, for `--ephemeral` and `destroy`.
 pub fn remove(layout: &Layout) -> Result<(), InstanceError> {
-    let path = layout.disk();
-    match fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&path)(e)),
-        _ => Ok(()),
-    }
+    super::remove_path(&layout.disk())
 }
 
 /// (bytes allocated on the host, apparent size).

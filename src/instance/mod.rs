@@ -154,6 +154,19 @@ impl EffectiveConfig {
     }
 }
 
+/// Deletes a file or a directory tree; one that is already gone is fine.
+pub fn remove_path(path: &Path) -> Result<(), InstanceError> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// Writes a file by rename, so readers never see half of it.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstanceError> {
     use std::io::Write;
