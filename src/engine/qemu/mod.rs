@@ -30,6 +30,8 @@ pub struct QemuEngine {
     arch: Arch,
     qemu: PathBuf,
     virtiofsd: PathBuf,
+    /// The Rust virtiofsd (`--shared-dir`, `--readonly`) or QEMU's older C one (`-o source=`).
+    virtiofsd_is_rust: bool,
     vhost_vsock: PathBuf,
 }
 
@@ -66,7 +68,13 @@ impl QemuEngine {
                 "install it with `cargo install vhost-device-vsock --version 0.3.0 --locked` or set DVN_VHOST_VSOCK",
             )
         })?;
-        Ok(QemuEngine { arch, qemu, virtiofsd, vhost_vsock })
+        let help = Command::new(&virtiofsd)
+            .arg("--help")
+            .output()
+            .map_err(|e| EngineError::io(format!("running {} --help", virtiofsd.display()), e))?;
+        let virtiofsd_is_rust = String::from_utf8_lossy(&help.stdout).contains("--shared-dir")
+            || String::from_utf8_lossy(&help.stderr).contains("--shared-dir");
+        Ok(QemuEngine { arch, qemu, virtiofsd, virtiofsd_is_rust, vhost_vsock })
     }
 
     /// KVM if it really runs a vCPU here, else TCG. DVN_QEMU_ACCEL=kvm|tcg overrides. Never hangs: the probe
@@ -144,9 +152,8 @@ impl QemuEngine {
 
     fn virtiofsd_command(&self, source: &Path, socket: &Path, read_only: bool) -> Command {
         let mut cmd = Command::new(&self.virtiofsd);
-        let rust_flavour = !self.virtiofsd.starts_with("/usr/lib/qemu");
         let root = nix::unistd::Uid::effective().is_root();
-        if rust_flavour {
+        if self.virtiofsd_is_rust {
             cmd.arg(format!("--socket-path={}", socket.display()))
                 .arg(format!("--shared-dir={}", source.display()))
                 .arg("--cache=auto")
