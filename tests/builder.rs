@@ -186,3 +186,32 @@ fn a_listener_inherited_from_systemd_boots_on_the_first_connection() {
     assert_eq!(vm.ssh_ok("echo activated").trim(), "activated");
     assert_eq!(vm.stop(&[]), 0);
 }
+
+#[test]
+fn a_failed_on_demand_boot_is_reported_and_the_next_connection_tries_again() {
+    let mut vm = Instance::new();
+    let bogus = vm.state().join("not-a-kernel");
+    fs::write(&bogus, b"this is not a kernel").unwrap();
+    let (_, initrd) = common::guest();
+    let _vm_lock = common::machine_lock("vm");
+    let log = fs::File::create(vm.log_path()).unwrap();
+    let child = vm
+        .cmd(&["start", "--on-demand", "--cores", "2", "--memory", "1024", "--disk-size", "2G", "--port", "0"])
+        .args(["--kernel", bogus.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    vm.supervisor = Some(child);
+    vm.wait_state("waiting", Duration::from_secs(30));
+    for attempt in 1..=2 {
+        let out = vm.ssh("true");
+        assert!(!out.status.success(), "attempt {attempt}: a VM without a kernel cannot answer");
+        let status = vm.wait_state("waiting", Duration::from_secs(30));
+        let error = status["lastError"].as_str().unwrap_or_default().to_string();
+        assert!(error.contains("did not boot") || error.contains("QEMU"), "attempt {attempt}: {status}");
+        assert_eq!(status["running"], true, "the supervisor keeps listening");
+    }
+    assert_eq!(vm.stop(&[]), 0);
+    vm.assert_nothing_left();
+}
