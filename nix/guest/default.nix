@@ -162,6 +162,8 @@ in
           fi
           echo "extra-platforms = x86_64-linux" >> /run/dvn/nix.conf.new
           echo "extra-sandbox-paths = ${rosettaDir}" >> /run/dvn/nix.conf.new
+          # Nix's seccomp filter breaks x86_64 binaries run through Rosetta.
+          echo "filter-syscalls = false" >> /run/dvn/nix.conf.new
         fi
         mv /run/dvn/nix.conf.new /run/dvn/nix.conf
 
