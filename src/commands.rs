@@ -355,9 +355,16 @@ fn logs(layout: &Layout, follow: bool, lines: Option<usize>) -> Result<ExitCode>
     let mut position = text.len() as u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len < position {
-            // Rotated or recreated: start from its beginning.
+        use std::os::unix::fs::MetadataExt;
+        let at_path = fs::metadata(&path).ok();
+        let open = file.metadata()?;
+        let rotated = at_path.as_ref().is_some_and(|m| m.ino() != open.ino() || m.dev() != open.dev());
+        if rotated || at_path.as_ref().is_some_and(|m| m.len() < position) {
+            // Rotated, recreated or truncated: finish the old file, then follow the new one from its beginning.
+            if rotated {
+                file.seek(SeekFrom::Start(position))?;
+                io::copy(&mut file, &mut out)?;
+            }
             file = fs::File::open(&path)?;
             position = 0;
         }

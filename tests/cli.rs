@@ -137,3 +137,28 @@ fn destroy_refuses_without_yes_and_deletes_with_it() {
     assert!(i.run(&["destroy", "--yes", "--keys"]).status.success());
     assert!(!i.state().join("ssh/id_ed25519").exists());
 }
+
+#[test]
+fn logs_prints_tails_and_follows() {
+    use std::io::{BufRead, BufReader, Write};
+    let i = Instance::new();
+    let console = i.state().join("console.log");
+    fs::write(&console, "one\ntwo\nthree\n").unwrap();
+    let all = i.run(&["logs"]);
+    assert_eq!(String::from_utf8_lossy(&all.stdout), "one\ntwo\nthree\n");
+    let last = i.run(&["logs", "-n", "2"]);
+    assert_eq!(String::from_utf8_lossy(&last.stdout), "two\nthree\n");
+    let mut follow = i.cmd(&["logs", "--follow", "-n", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "three");
+    fs::OpenOptions::new().append(true).open(&console).unwrap().write_all(b"four\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "four", "new output is followed");
+    // Rotation: a new file at the same path is followed from its start.
+    fs::OpenOptions::new().append(true).open(&console).unwrap().write_all(b"late\n").unwrap();
+    fs::rename(&console, i.state().join("console.log.0")).unwrap();
+    fs::write(&console, "five\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "late", "what reached the old file before the switch is kept");
+    assert_eq!(lines.next().unwrap().unwrap(), "five");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
