@@ -210,6 +210,8 @@ in
     };
     # The host agent client sets the clock (also after the Mac slept).
     services.timesyncd.enable = false;
+    # Give freed blocks back to the host's sparse disk image (the store only grows otherwise).
+    services.fstrim.enable = true;
 
     # --- builder user: no password, no sudo ---
     users.mutableUsers = false;
