@@ -371,15 +371,15 @@ impl Supervisor {
                     self.layout.console_log().display()
                 )));
             }
-            if !agent_ready {
-                if agent::hello(machine.as_ref()).is_ok() {
-                    agent_ready = true;
-                    progress.step(&format!("agent ready after {:.1} s, waiting for sshd", started.elapsed().as_secs_f64()));
-                }
-            } else if ssh_banner(machine.as_ref()).is_ok() {
+            if !agent_ready && agent::hello(machine.as_ref()).is_ok() {
+                agent_ready = true;
+                progress.step(&format!("agent ready after {:.1} s, waiting for sshd", started.elapsed().as_secs_f64()));
+            }
+            // sshd usually answers together with the agent: try it at once rather than a poll later.
+            if agent_ready && ssh_banner(machine.as_ref()).is_ok() {
                 return Ok(machine);
             }
-            thread::sleep(Duration::from_millis(100));
+            thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -80,6 +80,12 @@ impl QemuEngine {
     /// KVM if it really runs a vCPU here, else TCG. DVN_QEMU_ACCEL=kvm|tcg overrides. Never hangs: the probe
     /// is a paused QEMU that must come up and quit within a few seconds.
     pub fn choose_accel(&self) -> (Accel, String) {
+        // The answer does not change while we run: probe once, not at every on-demand boot.
+        static CHOSEN: std::sync::OnceLock<(Accel, String)> = std::sync::OnceLock::new();
+        CHOSEN.get_or_init(|| self.probe_accel()).clone()
+    }
+
+    fn probe_accel(&self) -> (Accel, String) {
         match std::env::var("DVN_QEMU_ACCEL").as_deref() {
             Ok("kvm") => return (Accel::Kvm, "KVM (DVN_QEMU_ACCEL)".into()),
             Ok("tcg") => return (Accel::Tcg, "TCG (DVN_QEMU_ACCEL)".into()),
