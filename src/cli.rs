@@ -39,9 +39,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot the VM and supervise it in the foreground (ssh proxy, idle stop, clock sync).
+    /// Boot the VM and supervise it (ssh proxy, idle stop, clock sync): in the foreground, or with --detach.
     #[command(
-        after_help = "Examples:\n  darwin-vz-nix start --kernel K --initrd I --cores 8 --memory 16384 --disk-size 200G\n  darwin-vz-nix start --kernel K --initrd I --on-demand --idle-timeout 15m --port 31122"
+        after_help = "Examples:\n  darwin-vz-nix start --kernel K --initrd I --cores 8 --memory 16384 --disk-size 200G\n  darwin-vz-nix start --kernel K --initrd I --on-demand --idle-timeout 15m --port 31122\n  darwin-vz-nix start --kernel K --initrd I --detach && darwin-vz-nix ssh -- uname -a"
     )]
     Start(StartArgs),
     /// Create the state directory, ssh keys and pinned known_hosts (idempotent; used by the nix-darwin module).
@@ -178,6 +178,10 @@ pub struct StartArgs {
     /// Write the supervisor's log to this file instead of stderr; it follows rotation (newsyslog, logrotate).
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+    /// Run the supervisor in the background and return once the VM is ready (or listening, with --on-demand).
+    /// Its log goes to <state>/daemon.log unless --log-file is given.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
 }
 
 impl StartArgs {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use dvn::cli::{Cli, Command, DEFAULT_SSH_PORT, DebugCommand, StartArgs, split_ssh_args};
-use dvn::control::{self, ControlRequest, StatusReport};
+use dvn::control::{self, ControlRequest, StatusReport, VmState};
 use dvn::engine::{self, EngineKind};
 use dvn::instance::lock::{self, InstanceLock};
 use dvn::instance::process::PidRecord;
@@ -62,6 +62,10 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
     // Everything that can be wrong with the input is found before the first write.
     let (config, plan) = launch::validate_start(args, engine_kind, layout)?.map_err(|e| bad_input(e.to_string()))?;
     let engine = engine::for_kind(engine_kind).context("the hypervisor is not usable")?;
+    // The background copy carries DVN_DETACHED, so it never detaches again (whatever flag spelling was used).
+    if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
+        return start_detached(layout, args);
+    }
 
     layout.create()?;
     let _lock = InstanceLock::acquire(layout)?;
@@ -97,6 +101,54 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
     let _ = fs::remove_file(layout.pid_file());
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+const DETACHED_ENV: &str = "DVN_DETACHED";
+
+/// Runs the same `start` in the background (own session, log to a file) and waits until it is ready.
+fn start_detached(layout: &Layout, args: &StartArgs) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    if lock::is_held(layout) {
+        bail!("darwin-vz-nix already runs the VM in {}; stop it with `darwin-vz-nix stop`", layout.root.display());
+    }
+    layout.create()?;
+    let log = args.log_file.clone().unwrap_or_else(|| layout.root.join("daemon.log"));
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).filter(|a| a != "--detach" && a != "-d").collect();
+    if args.log_file.is_none() {
+        argv.extend(["--log-file".into(), log.clone().into_os_string()]);
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().context("finding this program")?);
+    child
+        .args(&argv)
+        .env(DETACHED_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from this terminal's session.
+    unsafe {
+        child.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io::Error::from));
+    }
+    let mut child = child.spawn().context("starting the background supervisor")?;
+    let want = if args.on_demand { VmState::Waiting } else { VmState::Running };
+    let progress = dvn::progress::Progress::start("starting in the background");
+    let deadline = Instant::now() + Options::default().boot_timeout + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            progress.fail(&format!("the supervisor exited ({status})"));
+            let tail = fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = tail.lines().collect();
+            bail!("darwin-vz-nix did not start; the end of {}:\n{}", log.display(), lines[lines.len().saturating_sub(5)..].join("\n"));
+        }
+        if let Some(status) = live_status(layout).filter(|s| s.state == want) {
+            let port = status.ssh_port.map(|p| format!(", ssh on 127.0.0.1:{p}")).unwrap_or_default();
+            progress.finish(&format!("running in the background (pid {}{port}); log: {}", child.id(), log.display()));
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            bail!("darwin-vz-nix (pid {}) is not ready yet; see {} and `darwin-vz-nix status`", child.id(), log.display());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn init(layout: &Layout) -> Result<ExitCode> {

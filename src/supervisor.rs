@@ -358,7 +358,7 @@ impl Supervisor {
             }
             if let Ok(Some(reason)) = machine.wait(Some(Duration::ZERO)) {
                 return Err(SupervisorError::Boot(format!(
-                    "the VM stopped during boot ({reason:?}); see {}",
+                    "the VM stopped during boot ({reason}); see {}",
                     self.layout.console_log().display()
                 )));
             }
@@ -421,9 +421,8 @@ impl Supervisor {
 
     fn vm_gone(&self, reason: &StopReason) {
         match reason {
-            StopReason::GuestShutdown => tracing::info!("the guest shut down"),
-            StopReason::Forced => tracing::info!("the VM was forced off"),
             StopReason::Error(e) => tracing::error!("the VM stopped: {e}"),
+            orderly => tracing::info!("{orderly}"),
         }
         let mut live = self.shared.live();
         live.machine = None;

@@ -234,3 +234,29 @@ fn logs_follow_rotation_without_losing_lines() {
     let out = vm.run(&["logs", "-n", "1"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
+
+#[test]
+fn detach_returns_once_ready_and_reports_a_failed_start() {
+    let vm = Instance::new();
+    let _vm_lock = common::machine_lock("vm");
+    let (kernel, initrd) = common::guest();
+    let base = ["--cores", "2", "--memory", "1024", "--disk-size", "2G", "--port", "0"];
+    let mut args = vec!["start", "--detach", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()];
+    args.extend(base);
+    let out = vm.run(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(vm.status()["state"], "running", "ready when --detach returns");
+    assert_eq!(vm.ssh_ok("echo detached").trim(), "detached");
+    assert!(fs::read_to_string(vm.state().join("daemon.log")).unwrap().contains("ready in"));
+    assert!(vm.run(&["stop"]).status.success());
+    assert_eq!(vm.status()["state"], "stopped");
+    vm.assert_nothing_left();
+
+    let mut bad = vec!["start", "--detach", "--kernel", "/etc/hostname", "--initrd", initrd.to_str().unwrap()];
+    bad.extend(base);
+    let out = vm.run(&bad);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not start") && stderr.contains("QEMU"), "{stderr}");
+    vm.assert_nothing_left();
+}

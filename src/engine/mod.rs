@@ -63,13 +63,16 @@ impl EngineKind {
 }
 
 /// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StopReason {
     /// The guest powered itself off.
+    #[error("the guest shut down")]
     GuestShutdown,
     /// We stopped it (force stop).
+    #[error("the VM was forced off")]
     Forced,
     /// The hypervisor reported an error or died.
+    #[error("{0}")]
     Error(String),
 }
 

@@ -231,6 +231,7 @@ impl Engine for QemuEngine {
         let log_path = dir.join("helpers.log");
         let log =
             File::options().create(true).append(true).open(&log_path).map_err(|e| EngineError::io(log_path.display().to_string(), e))?;
+        let log_start = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
         let (accel, accel_reason) = self.choose_accel();
         tracing::info!("qemu: accelerator {accel_reason}");
 
@@ -285,9 +286,12 @@ impl Engine for QemuEngine {
         let deadline = Instant::now() + SOCKET_WAIT;
         loop {
             if let Some(reason) = machine.wait(Some(Duration::ZERO))? {
-                let tail = fs::read_to_string(&log_path).unwrap_or_default();
-                let last: Vec<_> = tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-                return Err(EngineError::Boot(format!("QEMU stopped at once ({reason:?}): {}", last.join(" | "))));
+                // QEMU's own complaint, not the helpers' chatter that shares the log.
+                let log = fs::read(&log_path).unwrap_or_default();
+                let this_boot = String::from_utf8_lossy(log.get(log_start..).unwrap_or_default());
+                let said: Vec<&str> = this_boot.lines().filter(|l| l.starts_with("qemu")).collect();
+                let said = said[said.len().saturating_sub(3)..].join("; ");
+                return Err(EngineError::Boot(format!("QEMU stopped at once ({reason}): {said}")));
             }
             if sockets.qmp.exists() && qmp::Qmp::connect(&sockets.qmp).is_ok() {
                 break;
