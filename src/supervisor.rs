@@ -31,6 +31,9 @@ const CLOCK_TOLERANCE_MS: i64 = 250;
 /// A wall-clock jump this much larger than monotonic time means the host slept.
 const SLEEP_JUMP: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_millis(250);
+/// A vsock device that takes connections but answers none for this long is stuck; the VM is booted again.
+const VSOCK_STUCK_AFTER: Duration = Duration::from_secs(15);
+const BOOT_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -51,6 +54,8 @@ impl Default for Options {
 pub enum SupervisorError {
     #[error("the VM did not boot: {0}")]
     Boot(String),
+    #[error("the VM did not boot: its vsock device stopped answering for {0} s")]
+    VsockStuck(u64),
     #[error("the VM stopped unexpectedly: {0}")]
     Crashed(String),
     #[error("control socket {path}: {source}")]
@@ -303,7 +308,19 @@ impl Supervisor {
         let boot_started = Instant::now();
         self.shared.set_state(VmState::Booting);
         let progress = Progress::start("booting the VM");
-        let result = self.boot_and_wait(&progress, boot_started);
+        let mut attempt = 1;
+        let result = loop {
+            match self.boot_and_wait(&progress, boot_started) {
+                Err(SupervisorError::VsockStuck(seconds)) if attempt < BOOT_ATTEMPTS => {
+                    tracing::warn!(
+                        "the guest's vsock device has not answered for {seconds} s; restarting the VM (attempt {})",
+                        attempt + 1
+                    );
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        };
         let mut live = self.shared.live();
         live.boot_generation += 1;
         match &result {
@@ -341,6 +358,7 @@ impl Supervisor {
         progress.step("waiting for the guest agent");
         let deadline = started + self.options.boot_timeout;
         let mut agent_ready = false;
+        let mut unanswered_since: Option<Instant> = None;
         loop {
             if let Ok(event) = self.events.try_recv() {
                 match event {
@@ -371,9 +389,25 @@ impl Supervisor {
                     self.layout.console_log().display()
                 )));
             }
-            if !agent_ready && agent::hello(machine.as_ref()).is_ok() {
-                agent_ready = true;
-                progress.step(&format!("agent ready after {:.1} s, waiting for sshd", started.elapsed().as_secs_f64()));
+            if !agent_ready {
+                match agent::hello(machine.as_ref()) {
+                    Ok(_) => {
+                        agent_ready = true;
+                        unanswered_since = None;
+                        progress.step(&format!("agent ready after {:.1} s, waiting for sshd", started.elapsed().as_secs_f64()));
+                    }
+                    // vhost-device-vsock 0.3.0 occasionally stops answering while a guest boots (about one boot in
+                    // fifty here); such a VM never recovers, a new one does.
+                    Err(err) if err.is_device_unresponsive() => {
+                        let since = *unanswered_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= VSOCK_STUCK_AFTER {
+                            let _ = machine.force_stop();
+                            let _ = machine.wait(Some(Duration::from_secs(10)));
+                            return Err(SupervisorError::VsockStuck(since.elapsed().as_secs()));
+                        }
+                    }
+                    Err(_) => unanswered_since = None,
+                }
             }
             // sshd usually answers together with the agent: try it at once rather than a poll later.
             if agent_ready && ssh_banner(machine.as_ref()).is_ok() {

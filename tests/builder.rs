@@ -215,3 +215,33 @@ fn a_failed_on_demand_boot_is_reported_and_the_next_connection_tries_again() {
     assert_eq!(vm.stop(&[]), 0);
     vm.assert_nothing_left();
 }
+
+#[test]
+fn a_stuck_vsock_device_during_boot_is_recovered_by_a_new_vm() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut vm = Instance::new();
+    vm.spawn_start(&[]);
+    // Freeze the first vsock backend as soon as it exists: it then takes connections and answers none,
+    // which is how vhost-device-vsock fails when it hangs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let frozen = loop {
+        // Once QEMU runs the guest (the supervisor waits for the agent), not while QEMU sets the device up.
+        let qemu_up = vm.log().contains("waiting for the guest agent");
+        let found = vm.processes().into_iter().find(|p| p.contains("vhost-device-vsock")).filter(|_| qemu_up);
+        if let Some(line) = found {
+            let pid: i32 = line.split(':').next().unwrap().parse().unwrap();
+            kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no vhost-device-vsock appeared");
+        thread::sleep(Duration::from_millis(10));
+    };
+    let status = vm.wait_state("running", BOOT_TIMEOUT);
+    assert_eq!(status["bootCount"], 1);
+    assert!(vm.log().contains("restarting the VM (attempt 2)"), "{}", vm.log());
+    assert!(!vm.processes().iter().any(|p| p.starts_with(&format!("{frozen}:"))), "the stuck backend was killed");
+    assert_eq!(vm.ssh_ok("echo recovered").trim(), "recovered");
+    assert_eq!(vm.stop(&[]), 0);
+    vm.assert_nothing_left();
+}

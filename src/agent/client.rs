@@ -17,6 +17,13 @@ pub enum AgentError {
     Protocol(#[from] ProtocolError),
 }
 
+impl AgentError {
+    /// The vsock device itself stopped answering (as opposed to the agent not listening yet).
+    pub fn is_device_unresponsive(&self) -> bool {
+        matches!(self, AgentError::Unreachable(EngineError::Unresponsive { .. }))
+    }
+}
+
 pub fn call<T: DeserializeOwned>(machine: &dyn Machine, request: &Request, timeout: Duration) -> Result<T, AgentError> {
     let stream = machine.connect(VSOCK_PORT_AGENT)?;
     stream.set_read_timeout(Some(timeout)).map_err(ProtocolError::Io)?;

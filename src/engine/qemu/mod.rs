@@ -349,6 +349,9 @@ impl Machine for QemuMachine {
                 Ok(0) => return Err(fail("nothing listens there yet".into())),
                 Ok(_) if byte[0] == b'\n' => break,
                 Ok(_) => answer.push(byte[0]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(EngineError::Unresponsive { port });
+                }
                 Err(e) => return Err(fail(e.to_string())),
             }
         }
