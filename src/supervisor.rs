@@ -34,6 +34,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// A vsock device that takes connections but answers none for this long is stuck; the VM is booted again.
 const VSOCK_STUCK_AFTER: Duration = Duration::from_secs(15);
 const BOOT_ATTEMPTS: u32 = 3;
+/// A running guest whose agent is silent this long is reported in `status` (lastError) and the log.
+const AGENT_SILENCE_REPORTED_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -83,6 +85,8 @@ struct Live {
     boot_count: u32,
     last_boot_seconds: Option<f64>,
     last_error: Option<String>,
+    /// Since when the agent has not answered status polls (None while it answers).
+    agent_silent_since: Option<Instant>,
     /// Bumped by each finished boot attempt, so waiting connections can tell theirs failed.
     boot_generation: u64,
     exiting: bool,
@@ -141,6 +145,7 @@ impl Supervisor {
                 boot_count: 0,
                 last_boot_seconds: None,
                 last_error: None,
+                agent_silent_since: None,
                 boot_generation: 0,
                 exiting: false,
             }),
@@ -267,7 +272,16 @@ impl Supervisor {
         let status = match agent::status(machine) {
             Ok(status) => status,
             Err(err) => {
-                tracing::debug!("agent status: {err}");
+                let mut live = self.shared.live();
+                let since = *live.agent_silent_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= AGENT_SILENCE_REPORTED_AFTER && live.last_error.is_none() {
+                    let message = format!(
+                        "the guest agent has not answered for {} s ({err}); `darwin-vz-nix stop` and start again if ssh hangs too",
+                        since.elapsed().as_secs()
+                    );
+                    tracing::warn!("{message}");
+                    live.last_error = Some(message);
+                }
                 return false;
             }
         };
@@ -275,6 +289,9 @@ impl Supervisor {
         let offset = status.unix_ms - host_ms;
         {
             let mut live = self.shared.live();
+            if live.agent_silent_since.take().is_some_and(|since| since.elapsed() >= AGENT_SILENCE_REPORTED_AFTER) {
+                live.last_error = None;
+            }
             live.builds_in_flight = status.builds_in_flight;
             if status.builds_in_flight > 0 {
                 live.last_busy = Instant::now();
@@ -464,6 +481,7 @@ impl Supervisor {
         live.builds_in_flight = 0;
         live.guest_ip = None;
         live.clock_offset_ms = None;
+        live.agent_silent_since = None;
         live.state = if self.config.on_demand { VmState::Waiting } else { VmState::Stopped };
         if let StopReason::Error(e) = reason {
             live.last_error = Some(e.clone());

@@ -245,3 +245,32 @@ fn a_stuck_vsock_device_during_boot_is_recovered_by_a_new_vm() {
     assert_eq!(vm.stop(&[]), 0);
     vm.assert_nothing_left();
 }
+
+#[test]
+fn a_silent_agent_is_reported_in_status_and_cleared_when_it_answers_again() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut vm = Instance::new();
+    vm.start_ready(&[]);
+    let line = vm.processes().into_iter().find(|p| p.contains("vhost-device-vsock")).expect("vsock backend");
+    let backend = Pid::from_raw(line.split(':').next().unwrap().parse().unwrap());
+    kill(backend, Signal::SIGSTOP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = vm.status();
+        if status["lastError"].as_str().is_some_and(|e| e.contains("has not answered")) {
+            assert_eq!(status["state"], "running");
+            break;
+        }
+        assert!(Instant::now() < deadline, "silence never reported: {status}");
+        thread::sleep(Duration::from_millis(500));
+    }
+    kill(backend, Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vm.status()["lastError"].is_null() {
+        assert!(Instant::now() < deadline, "the report was not cleared: {}", vm.status());
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(vm.ssh_ok("echo back").trim(), "back");
+    assert_eq!(vm.stop(&[]), 0);
+}
