@@ -50,6 +50,9 @@ impl Sockets {
     }
 }
 
+/// QOM id of the vsock device, for asking QEMU whether the guest started it.
+pub const VSOCK_DEVICE_ID: &str = "vsock0";
+
 pub fn qemu_args(spec: &VmSpec, arch: Arch, accel: Accel, sockets: &Sockets) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
     let mut args: Vec<String> = Vec::new();
@@ -91,7 +94,7 @@ pub fn qemu_args(spec: &VmSpec, arch: Arch, accel: Accel, sockets: &Sockets) -> 
         push(&["-chardev", &chardev, "-device", &device]);
     }
     let vsock = format!("socket,id=vsock0,path={}", sockets.vhost_vsock.display());
-    push(&["-chardev", &vsock, "-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+    push(&["-chardev", &vsock, "-device", &format!("vhost-user-vsock-pci,chardev=vsock0,id={VSOCK_DEVICE_ID}")]);
     // The console goes to QEMU's stdout, which the engine copies into console.log.
     push(&["-device", "virtio-serial-pci", "-chardev", "stdio,id=con0,signal=off", "-device", "virtconsole,chardev=con0"]);
     push(&["-device", "virtio-rng-pci", "-device", "virtio-balloon-pci"]);
@@ -142,7 +145,7 @@ mod tests {
         let devices = value_after(&args, "-device");
         assert!(devices.contains(&"vhost-user-fs-pci,chardev=fs0,tag=dvn-config"));
         assert!(devices.contains(&"vhost-user-fs-pci,chardev=fs1,tag=nix-store"));
-        assert!(devices.contains(&"vhost-user-vsock-pci,chardev=vsock0"));
+        assert!(devices.contains(&"vhost-user-vsock-pci,chardev=vsock0,id=vsock0"));
         assert!(devices.contains(&"virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01"));
         assert!(devices.contains(&"virtconsole,chardev=con0"));
         assert_eq!(value_after(&args, "-qmp"), ["unix:/s/run/qmp.sock,server=on,wait=off"]);

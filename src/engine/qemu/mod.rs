@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use args::{Accel, Arch};
-use args::{Sockets, qemu_args};
+use args::{Sockets, VSOCK_DEVICE_ID, qemu_args};
 
 use super::{Engine, EngineError, EngineKind, Machine, StopReason};
 use crate::spec::{RosettaMode, VmSpec};
@@ -240,7 +240,7 @@ impl Engine for QemuEngine {
             vsock_uds: sockets.vsock_uds.clone(),
             qmp_path: sockets.qmp.clone(),
             forced: Mutex::new(false),
-            accel,
+            vsock_started: std::sync::atomic::AtomicBool::new(false),
         };
         let spawn = |cmd: Command, name: &str| -> Result<Child, EngineError> {
             supervised(cmd, &log)?.spawn().map_err(|e| EngineError::io(format!("starting {name}"), e))
@@ -311,13 +311,40 @@ struct QemuMachine {
     vsock_uds: PathBuf,
     qmp_path: PathBuf,
     forced: Mutex<bool>,
-    #[allow(dead_code)]
-    accel: Accel,
+    /// Set once the guest driver has started the vsock device; connecting before that can kill
+    /// vhost-device-vsock 0.3.0's vring worker (a host event before the vrings exist), after which the
+    /// device never answers again.
+    vsock_started: std::sync::atomic::AtomicBool,
 }
 
 impl QemuMachine {
     fn adopt(&mut self, child: Child, name: &str) {
         self.children.get_mut().expect("not poisoned").push((name.to_string(), child));
+    }
+
+    /// Whether the guest has started the vsock device (QEMU's `x-query-virtio-status`). A QEMU without that
+    /// command is taken to have started it. A QEMU that does not answer is stuck (it blocks on a frozen
+    /// vhost-user backend, for one).
+    fn guest_started_vsock(&self, port: u32) -> Result<bool, EngineError> {
+        use std::sync::atomic::Ordering;
+        if self.vsock_started.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let path = format!("/machine/peripheral/{VSOCK_DEVICE_ID}/virtio-backend");
+        let query = qmp::Qmp::connect(&self.qmp_path)
+            .and_then(|mut q| q.execute_with("x-query-virtio-status", serde_json::json!({ "path": path })));
+        let started = match query {
+            Ok(status) => status.get("started").and_then(|s| s.as_bool()).unwrap_or(true),
+            Err(e) if e.to_string().contains("CommandNotFound") => true,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(EngineError::Unresponsive { port });
+            }
+            Err(_) => false,
+        };
+        if started {
+            self.vsock_started.store(true, Ordering::Relaxed);
+        }
+        Ok(started)
     }
 
     fn qmp(&self, command: &str) -> Result<(), EngineError> {
@@ -338,6 +365,9 @@ impl QemuMachine {
 impl Machine for QemuMachine {
     fn connect(&self, port: u32) -> Result<UnixStream, EngineError> {
         let fail = |reason: String| EngineError::Connect { port, reason };
+        if !self.guest_started_vsock(port)? {
+            return Err(fail("the guest has not started its vsock device yet".into()));
+        }
         let mut stream = UnixStream::connect(&self.vsock_uds).map_err(|e| fail(e.to_string()))?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| fail(e.to_string()))?;
         stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| fail(e.to_string()))?;

@@ -26,7 +26,13 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value; events that arrive meanwhile are skipped.
     pub fn execute(&mut self, command: &str) -> std::io::Result<Value> {
-        let mut line = serde_json::to_vec(&json!({ "execute": command })).expect("json");
+        self.execute_with(command, Value::Null)
+    }
+
+    pub fn execute_with(&mut self, command: &str, arguments: Value) -> std::io::Result<Value> {
+        let request =
+            if arguments.is_null() { json!({ "execute": command }) } else { json!({ "execute": command, "arguments": arguments }) };
+        let mut line = serde_json::to_vec(&request).expect("json");
         line.push(b'\n');
         self.writer.write_all(&line)?;
         loop {
