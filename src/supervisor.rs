@@ -56,8 +56,8 @@ impl Default for Options {
 pub enum SupervisorError {
     #[error("the VM did not boot: {0}")]
     Boot(String),
-    #[error("the VM did not boot: its vsock device stopped answering for {0} s")]
-    VsockStuck(u64),
+    #[error("the VM did not boot: {1} stopped answering for {0} s")]
+    VsockStuck(u64, String),
     #[error("the VM stopped unexpectedly: {0}")]
     Crashed(String),
     #[error("control socket {path}: {source}")]
@@ -328,11 +328,8 @@ impl Supervisor {
         let mut attempt = 1;
         let result = loop {
             match self.boot_and_wait(&progress, boot_started) {
-                Err(SupervisorError::VsockStuck(seconds)) if attempt < BOOT_ATTEMPTS => {
-                    tracing::warn!(
-                        "the guest's vsock device has not answered for {seconds} s; restarting the VM (attempt {})",
-                        attempt + 1
-                    );
+                Err(SupervisorError::VsockStuck(seconds, what)) if attempt < BOOT_ATTEMPTS => {
+                    tracing::warn!("{what} has not answered for {seconds} s; restarting the VM (attempt {})", attempt + 1);
                     attempt += 1;
                 }
                 other => break other,
@@ -417,10 +414,11 @@ impl Supervisor {
                     // fifty here); such a VM never recovers, a new one does.
                     Err(err) if err.is_device_unresponsive() => {
                         let since = *unanswered_since.get_or_insert_with(Instant::now);
+                        tracing::debug!("{err}");
                         if since.elapsed() >= VSOCK_STUCK_AFTER {
                             let _ = machine.force_stop();
                             let _ = machine.wait(Some(Duration::from_secs(10)));
-                            return Err(SupervisorError::VsockStuck(since.elapsed().as_secs()));
+                            return Err(SupervisorError::VsockStuck(since.elapsed().as_secs(), err.unresponsive_part()));
                         }
                     }
                     Err(_) => unanswered_since = None,

@@ -22,6 +22,14 @@ impl AgentError {
     pub fn is_device_unresponsive(&self) -> bool {
         matches!(self, AgentError::Unreachable(EngineError::Unresponsive { .. }))
     }
+
+    /// What stopped answering, for messages.
+    pub fn unresponsive_part(&self) -> String {
+        match self {
+            AgentError::Unreachable(EngineError::Unresponsive { what, .. }) => what.to_string(),
+            other => other.to_string(),
+        }
+    }
 }
 
 pub fn call<T: DeserializeOwned>(machine: &dyn Machine, request: &Request, timeout: Duration) -> Result<T, AgentError> {

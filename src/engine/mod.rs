@@ -23,10 +23,10 @@ pub enum EngineError {
     Boot(String),
     #[error("guest vsock port {port} is not accepting connections: {reason}")]
     Connect { port: u32, reason: String },
-    /// The vsock device took the connection but never answered: not "nobody listens" (which is immediate),
-    /// but a device that stopped working.
-    #[error("the guest's vsock device did not answer a connection to port {port}")]
-    Unresponsive { port: u32 },
+    /// Something on the way to the guest took the request but never answered: not "nobody listens" (which
+    /// is immediate), but a device or hypervisor that stopped working.
+    #[error("{what} did not answer (connecting to guest vsock port {port})")]
+    Unresponsive { port: u32, what: &'static str },
     #[error("the VM is not running")]
     NotRunning,
     #[error("{context}: {source}")]

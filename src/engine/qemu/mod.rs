@@ -337,7 +337,7 @@ impl QemuMachine {
             Ok(status) => status.get("started").and_then(|s| s.as_bool()).unwrap_or(true),
             Err(e) if e.to_string().contains("CommandNotFound") => true,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(EngineError::Unresponsive { port });
+                return Err(EngineError::Unresponsive { port, what: "QEMU's monitor (QMP)" });
             }
             Err(_) => false,
         };
@@ -380,7 +380,7 @@ impl Machine for QemuMachine {
                 Ok(_) if byte[0] == b'\n' => break,
                 Ok(_) => answer.push(byte[0]),
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    return Err(EngineError::Unresponsive { port });
+                    return Err(EngineError::Unresponsive { port, what: "vhost-device-vsock" });
                 }
                 Err(e) => return Err(fail(e.to_string())),
             }
