@@ -81,7 +81,6 @@ pub enum StopReason {
 }
 
 pub trait Engine: Send + Sync {
-    fn kind(&self) -> EngineKind;
     /// Boots the VM described by `spec`. Returns once the hypervisor runs the guest (not once the guest is ready).
     /// Console bytes from the guest are written to `console`.
     fn boot(&self, spec: &VmSpec, console: Box<dyn io::Write + Send>) -> Result<Box<dyn Machine>, EngineError>;
@@ -96,8 +95,6 @@ pub trait Machine: Send + Sync {
     fn force_stop(&self) -> Result<(), EngineError>;
     /// Waits until the VM has stopped, at most `timeout` (None = forever). Ok(None) on timeout.
     fn wait(&self, timeout: Option<Duration>) -> Result<Option<StopReason>, EngineError>;
-    /// Process ids of hypervisor helper processes (QEMU, virtiofsd, ...), for status and tests.
-    fn helper_pids(&self) -> Vec<u32>;
 }
 
 /// Picks the engine implementation for `kind` on this platform.

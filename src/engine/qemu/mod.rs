@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 pub use args::{Accel, Arch};
 use args::{Sockets, VSOCK_DEVICE_ID, qemu_args};
 
-use super::{Engine, EngineError, EngineKind, Machine, StopReason};
+use super::{Engine, EngineError, Machine, StopReason};
 use crate::spec::{RosettaMode, VmSpec};
 
 /// How long a helper may take to create its socket.
@@ -209,10 +209,6 @@ fn wait_for_socket(path: &Path, helper: &mut Child, name: &str) -> Result<(), En
 }
 
 impl Engine for QemuEngine {
-    fn kind(&self) -> EngineKind {
-        EngineKind::Qemu
-    }
-
     fn boot(&self, spec: &VmSpec, mut console: Box<dyn Write + Send>) -> Result<Box<dyn Machine>, EngineError> {
         if spec.rosetta == RosettaMode::Required {
             return Err(EngineError::InvalidSpec("Rosetta exists only with the vz engine on Apple silicon; drop --rosetta".into()));
@@ -432,10 +428,6 @@ impl Machine for QemuMachine {
             }
             thread::sleep(Duration::from_millis(25));
         }
-    }
-
-    fn helper_pids(&self) -> Vec<u32> {
-        self.children.lock().expect("not poisoned").iter().map(|(_, c)| c.id()).collect()
     }
 }
 

@@ -28,7 +28,7 @@ use super::delegate::Delegate;
 use super::machine_id::{self, Origin};
 use super::plumbing::{self, StopState};
 use super::rules::{self, ResourceLimits, RosettaAvailability, RosettaProbe};
-use crate::engine::{Engine, EngineError, EngineKind, Machine, StopReason};
+use crate::engine::{Engine, EngineError, Machine, StopReason};
 use crate::spec::VmSpec;
 
 /// How long `start` may take before we give up (the guest kernel has not run yet at that point).
@@ -116,10 +116,6 @@ impl VzEngine {
 }
 
 impl Engine for VzEngine {
-    fn kind(&self) -> EngineKind {
-        EngineKind::Vz
-    }
-
     fn boot(&self, spec: &VmSpec, console: Box<dyn io::Write + Send>) -> Result<Box<dyn Machine>, EngineError> {
         // SAFETY: class method without arguments.
         if !unsafe { VZVirtualMachine::isSupported() } {
@@ -328,10 +324,6 @@ impl Machine for VzMachine {
 
     fn wait(&self, timeout: Option<Duration>) -> Result<Option<StopReason>, EngineError> {
         Ok(self.stop.wait(timeout))
-    }
-
-    fn helper_pids(&self) -> Vec<u32> {
-        Vec::new()
     }
 }
 
