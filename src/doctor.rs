@@ -268,6 +268,7 @@ pub fn program_verdict(name: &str, found: Option<&Path>, required: bool, hint: &
 #[cfg(target_os = "linux")]
 mod linux {
     use super::*;
+    use crate::engine::qemu as engine_qemu;
 
     pub(super) fn checks() -> Vec<Check> {
         let path = std::env::var_os("PATH");
@@ -281,22 +282,19 @@ mod linux {
             } else {
                 "only needed for guests of the other architecture"
             };
-            out.push(program_verdict(qemu, find_in_path(qemu, path).as_deref(), required, hint));
+            // The host's QEMU is looked up exactly as the engine does (DVN_QEMU, PATH, ~/.cargo/bin).
+            let found = if required { engine_qemu::locate_qemu() } else { find_in_path(qemu, path) };
+            out.push(program_verdict(qemu, found.as_deref(), required, hint));
         }
-        let virtiofsd = ["/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| is_executable(p))
-            .or_else(|| find_in_path("virtiofsd", path));
         out.push(program_verdict(
             "virtiofsd",
-            virtiofsd.as_deref(),
+            engine_qemu::locate_virtiofsd().as_deref(),
             true,
             "install virtiofsd (nixpkgs#virtiofsd or your distribution's package)",
         ));
         out.push(program_verdict(
             "vhost-device-vsock",
-            find_in_path("vhost-device-vsock", path).as_deref(),
+            engine_qemu::locate_vhost_vsock().as_deref(),
             true,
             "install vhost-device-vsock (nixpkgs#vhost-device-vsock, or `cargo install vhost-device-vsock`)",
         ));

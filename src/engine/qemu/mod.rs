@@ -47,22 +47,35 @@ fn find_program(env: &str, names: &[&str], extra_dirs: &[&str]) -> Option<PathBu
     dirs.iter().flat_map(|d| names.iter().map(move |n| d.join(n))).find(|p| p.is_file())
 }
 
+/// Where the engine finds its programs; `doctor` reports the same paths.
+pub fn locate_qemu() -> Option<PathBuf> {
+    find_program("DVN_QEMU", &[Arch::host().qemu_binary()], &[])
+}
+
+pub fn locate_virtiofsd() -> Option<PathBuf> {
+    find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/lib/qemu", "/usr/libexec", "/usr/lib"])
+}
+
+pub fn locate_vhost_vsock() -> Option<PathBuf> {
+    find_program("DVN_VHOST_VSOCK", &["vhost-device-vsock"], &[])
+}
+
 impl QemuEngine {
     /// Finds qemu-system, virtiofsd and vhost-device-vsock (overridable with DVN_QEMU, DVN_VIRTIOFSD,
     /// DVN_VHOST_VSOCK) and explains how to install whatever is missing.
     pub fn detect() -> Result<Self, EngineError> {
         let arch = Arch::host();
         let missing = |what: &str, hint: &str| EngineError::Missing { what: what.into(), hint: hint.into() };
-        let qemu = find_program("DVN_QEMU", &[arch.qemu_binary()], &[]).ok_or_else(|| {
+        let qemu = locate_qemu().ok_or_else(|| {
             missing(arch.qemu_binary(), "install it (Debian: apt-get install qemu-system-x86 or qemu-system-arm) or set DVN_QEMU")
         })?;
-        let virtiofsd = find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/lib/qemu", "/usr/libexec", "/usr/lib"]).ok_or_else(|| {
+        let virtiofsd = locate_virtiofsd().ok_or_else(|| {
             missing(
                 "virtiofsd",
                 "install it (Debian 12: apt-get install qemu-system-common; newer: apt-get install virtiofsd) or set DVN_VIRTIOFSD",
             )
         })?;
-        let vhost_vsock = find_program("DVN_VHOST_VSOCK", &["vhost-device-vsock"], &[]).ok_or_else(|| {
+        let vhost_vsock = locate_vhost_vsock().ok_or_else(|| {
             missing(
                 "vhost-device-vsock",
                 "install it with `cargo install vhost-device-vsock --version 0.3.0 --locked` or set DVN_VHOST_VSOCK",
