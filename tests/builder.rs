@@ -228,9 +228,7 @@ fn a_stuck_vsock_device_during_boot_is_recovered_by_a_new_vm() {
     let frozen = loop {
         // Once QEMU runs the guest (the supervisor waits for the agent), not while QEMU sets the device up.
         let qemu_up = vm.log().contains("waiting for the guest agent");
-        let found = vm.processes().into_iter().find(|p| p.contains("vhost-device-vsock")).filter(|_| qemu_up);
-        if let Some(line) = found {
-            let pid: i32 = line.split(':').next().unwrap().parse().unwrap();
+        if let Some(pid) = vm.helper_pid("vhost-device-vsock").filter(|_| qemu_up) {
             kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
             break pid;
         }
@@ -252,8 +250,7 @@ fn a_silent_agent_is_reported_in_status_and_cleared_when_it_answers_again() {
     use nix::unistd::Pid;
     let mut vm = Instance::new();
     vm.start_ready(&[]);
-    let line = vm.processes().into_iter().find(|p| p.contains("vhost-device-vsock")).expect("vsock backend");
-    let backend = Pid::from_raw(line.split(':').next().unwrap().parse().unwrap());
+    let backend = Pid::from_raw(vm.helper_pid("vhost-device-vsock").expect("vsock backend"));
     kill(backend, Signal::SIGSTOP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

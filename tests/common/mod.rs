@@ -202,6 +202,12 @@ impl Instance {
         processes_mentioning(&self.state().display().to_string())
     }
 
+    /// The pid of this VM's helper whose command line names `program`, if it runs.
+    pub fn helper_pid(&self, program: &str) -> Option<i32> {
+        let line = self.processes().into_iter().find(|p| p.contains(program))?;
+        line.split(':').next()?.parse().ok()
+    }
+
     pub fn assert_nothing_left(&self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
