@@ -160,6 +160,9 @@ pub struct StartArgs {
     /// Do not share the host's /nix/store.
     #[arg(long, overrides_with = "share_nix_store")]
     pub no_share_nix_store: bool,
+    /// The host's Nix store to share; only tests point it elsewhere (an empty directory).
+    #[arg(long, hide = true, env = "DVN_HOST_NIX_STORE", default_value = crate::launch::HOST_NIX_STORE, value_name = "PATH")]
+    pub host_nix_store: PathBuf,
     /// Loopback port of the ssh proxy; 0 picks a free one (see `status`).
     #[arg(long, default_value_t = DEFAULT_SSH_PORT)]
     pub port: u16,

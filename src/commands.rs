@@ -60,7 +60,7 @@ fn absolute(path: &Path) -> std::path::PathBuf {
 
 fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<ExitCode> {
     // Everything that can be wrong with the input is found before the first write.
-    let (config, plan) = launch::validate_start(args, engine_kind, layout)?.map_err(|e| bad_input(e.to_string()))?;
+    let (config, plan) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?.map_err(|e| bad_input(e.to_string()))?;
     let engine = engine::for_kind(engine_kind).context("the hypervisor is not usable")?;
     // The background copy carries DVN_DETACHED, so it never detaches again (whatever flag spelling was used).
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {

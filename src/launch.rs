@@ -26,11 +26,14 @@ pub enum InputError {
 pub const HOST_NIX_STORE: &str = "/nix/store";
 
 /// Checks a start request without writing anything; returns the effective configuration and the disk plan.
-/// The outer error is a failure to read the state directory, the inner one bad input.
+/// The outer error is a failure to read the state directory, the inner one bad input. `host_store` is the
+/// host's Nix store ([`HOST_NIX_STORE`] unless a test points it elsewhere), passed in so that no test depends
+/// on what the machine happens to have.
 pub fn validate_start(
     args: &StartArgs,
     engine: EngineKind,
     layout: &Layout,
+    host_store: &Path,
 ) -> Result<Result<(EffectiveConfig, DiskPlan), InputError>, InstanceError> {
     let check = || -> Result<(), InputError> {
         require_file("--kernel", &args.kernel)?;
@@ -57,7 +60,7 @@ pub fn validate_start(
     if let Err(e) = check() {
         return Ok(Err(e));
     }
-    let share_nix_store = match decide_store_share(args.share_nix_store_requested(), Path::new(HOST_NIX_STORE)) {
+    let share_nix_store = match decide_store_share(args.share_nix_store_requested(), host_store) {
         Ok(share) => share,
         Err(e) => return Ok(Err(e)),
     };
@@ -77,6 +80,7 @@ pub fn validate_start(
         idle_timeout_seconds: args.idle_timeout.as_secs(),
         rosetta: args.rosetta_requested(),
         share_nix_store,
+        host_nix_store: host_store.to_path_buf(),
         port: args.port,
         on_demand: args.on_demand,
         ephemeral: args.ephemeral,
@@ -129,7 +133,7 @@ pub fn kernel_cmdline(system: Option<&Path>) -> Vec<String> {
 pub fn vm_spec(layout: &Layout, config: &EffectiveConfig, mac: String) -> VmSpec {
     let mut shares = vec![ShareSpec { tag: TAG_CONFIG.into(), host_path: layout.guest_config_dir(), read_only: true }];
     if config.share_nix_store {
-        shares.push(ShareSpec { tag: TAG_NIX_STORE.into(), host_path: PathBuf::from(HOST_NIX_STORE), read_only: true });
+        shares.push(ShareSpec { tag: TAG_NIX_STORE.into(), host_path: config.host_nix_store.clone(), read_only: true });
     }
     VmSpec {
         cpus: config.cores,
@@ -229,16 +233,19 @@ mod tests {
         fs::write(&k, "k").unwrap();
         fs::write(&i, "i").unwrap();
         let layout = Layout::new(dir.path().join("state"));
-        let (config, plan) = validate_start(&start_args(&[], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
+        let no_store = dir.path().join("no-store");
+        let (config, plan) = validate_start(&start_args(&[], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap();
         assert_eq!(plan, DiskPlan::Create(crate::units::ByteSize(100 << 30)));
         assert_eq!(config.max_jobs, 4);
         assert!(!layout.exists(), "validation writes nothing");
         let missing = start_args(&[], &dir.path().join("nope"), &i);
-        let err = validate_start(&missing, EngineKind::Qemu, &layout).unwrap().unwrap_err().to_string();
+        let err = validate_start(&missing, EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err().to_string();
         assert!(err.starts_with("--kernel ") && err.contains("nope"), "{err}");
-        let err = validate_start(&start_args(&["--rosetta"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap_err().to_string();
+        let err =
+            validate_start(&start_args(&["--rosetta"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err().to_string();
         assert!(err.contains("--rosetta needs the vz engine"), "{err}");
-        let err = validate_start(&start_args(&["--system", "/"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap_err().to_string();
+        let err =
+            validate_start(&start_args(&["--system", "/"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err().to_string();
         assert!(err.contains("toplevel"), "{err}");
     }
 
@@ -258,7 +265,10 @@ mod tests {
         fs::create_dir(&system).unwrap();
         fs::write(system.join("init"), "").unwrap();
         let args = start_args(&["--system", system.to_str().unwrap()], &k, &i);
-        let (config, _) = validate_start(&args, EngineKind::Qemu, &layout).unwrap().unwrap();
+        let host_store = dir.path().join("store");
+        fs::create_dir(&host_store).unwrap();
+        let (config, _) = validate_start(&args, EngineKind::Qemu, &layout, &host_store).unwrap().unwrap();
+        assert!(config.share_nix_store, "a host with a store shares it by default");
         write_nix_registration(&layout, &config, &fake).unwrap();
         let target = layout.guest_config_dir().join(FILE_NIX_REGISTRATION);
         assert_eq!(fs::read_to_string(&target).unwrap(), "db /nix/store/aaa-sys /nix/store/bbb-glibc\n");
@@ -287,15 +297,18 @@ mod tests {
         fs::write(&k, "k").unwrap();
         fs::write(&i, "i").unwrap();
         let layout = Layout::new(dir.path());
-        let (config, _) =
-            validate_start(&start_args(&["--no-share-nix-store", "--no-rosetta"], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
-        let spec = vm_spec(&layout, &config, "02:00:00:00:00:01".into());
-        assert_eq!(spec.shares.iter().map(|s| s.tag.as_str()).collect::<Vec<_>>(), ["dvn-config"]);
-        assert!(spec.shares.iter().all(|s| s.read_only));
-        assert_eq!(spec.rosetta, RosettaMode::Off);
-        let (config, _) = validate_start(&start_args(&[], &k, &i), EngineKind::Qemu, &layout).unwrap().unwrap();
-        let spec = vm_spec(&layout, &config, "02:00:00:00:00:01".into());
-        assert_eq!(spec.shares.iter().map(|s| s.tag.as_str()).collect::<Vec<_>>(), ["dvn-config", "nix-store"]);
-        assert_eq!(spec.rosetta, RosettaMode::IfAvailable);
+        let (store, no_store) = (dir.path().join("store"), dir.path().join("no-store"));
+        fs::create_dir(&store).unwrap();
+        let tags = |args: &[&str], host_store: &Path| {
+            let (config, _) = validate_start(&start_args(args, &k, &i), EngineKind::Qemu, &layout, host_store).unwrap().unwrap();
+            let spec = vm_spec(&layout, &config, "02:00:00:00:00:01".into());
+            assert!(spec.shares.iter().all(|s| s.read_only));
+            (spec.shares.iter().map(|s| s.tag.clone()).collect::<Vec<_>>(), spec.rosetta)
+        };
+        assert_eq!(tags(&["--no-share-nix-store", "--no-rosetta"], &store), (vec!["dvn-config".into()], RosettaMode::Off));
+        assert_eq!(tags(&[], &store), (vec!["dvn-config".into(), "nix-store".into()], RosettaMode::IfAvailable));
+        assert_eq!(tags(&[], &no_store), (vec!["dvn-config".into()], RosettaMode::IfAvailable), "no host store: not shared");
+        let err = validate_start(&start_args(&["--share-nix-store"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err();
+        assert!(err.to_string().contains("--no-share-nix-store"), "{err}");
     }
 }

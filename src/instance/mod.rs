@@ -32,10 +32,14 @@ pub fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstanceError + '_ {
 
 /// The default state directory: `$XDG_DATA_HOME/darwin-vz-nix`, else `~/.local/share/darwin-vz-nix`.
 pub fn default_state_dir() -> Result<PathBuf, InstanceError> {
-    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+    state_dir_from(std::env::var_os("XDG_DATA_HOME"), std::env::var_os("HOME"))
+}
+
+fn state_dir_from(xdg_data_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> Result<PathBuf, InstanceError> {
+    if let Some(xdg) = xdg_data_home.filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(xdg).join("darwin-vz-nix"));
     }
-    let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or(InstanceError::NoDefaultStateDir)?;
+    let home = home.filter(|v| !v.is_empty()).ok_or(InstanceError::NoDefaultStateDir)?;
     Ok(PathBuf::from(home).join(".local/share/darwin-vz-nix"))
 }
 
@@ -132,10 +136,17 @@ pub struct EffectiveConfig {
     pub idle_timeout_seconds: u64,
     pub rosetta: Option<bool>,
     pub share_nix_store: bool,
+    /// The host directory shared as the guest's store (`/nix/store`; tests use an empty directory).
+    #[serde(default = "default_host_nix_store")]
+    pub host_nix_store: PathBuf,
     pub port: u16,
     pub on_demand: bool,
     pub ephemeral: bool,
     pub max_jobs: u32,
+}
+
+fn default_host_nix_store() -> PathBuf {
+    PathBuf::from(crate::launch::HOST_NIX_STORE)
 }
 
 impl EffectiveConfig {
@@ -240,8 +251,12 @@ mod tests {
 
     #[test]
     fn default_state_dir_follows_xdg() {
-        // Only checks the shape; the environment of the test process is shared, so it is not modified.
-        let dir = default_state_dir().unwrap();
-        assert!(dir.ends_with("darwin-vz-nix"));
+        // The environment is passed in: the test neither reads nor changes the process's own.
+        let some = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(state_dir_from(some("/x"), some("/h")).unwrap(), Path::new("/x/darwin-vz-nix"));
+        assert_eq!(state_dir_from(some(""), some("/h")).unwrap(), Path::new("/h/.local/share/darwin-vz-nix"));
+        assert_eq!(state_dir_from(None, some("/h")).unwrap(), Path::new("/h/.local/share/darwin-vz-nix"));
+        assert!(matches!(state_dir_from(None, some("")), Err(InstanceError::NoDefaultStateDir)));
+        assert!(matches!(state_dir_from(None, None), Err(InstanceError::NoDefaultStateDir)));
     }
 }

@@ -49,6 +49,9 @@ pub fn machine_lock(name: &str) -> File {
 
 pub struct Instance {
     pub dir: tempfile::TempDir,
+    /// An empty stand-in for the host's /nix/store (DVN_HOST_NIX_STORE), so that no test depends on whether
+    /// this machine has Nix.
+    pub host_store: tempfile::TempDir,
     pub supervisor: Option<Child>,
     _vm_lock: Option<File>,
 }
@@ -57,7 +60,8 @@ impl Instance {
     /// A fresh state directory (short path: unix socket paths are limited to ~100 bytes).
     pub fn new() -> Self {
         let dir = tempfile::Builder::new().prefix("dvn").tempdir_in("/tmp").unwrap();
-        Instance { dir, supervisor: None, _vm_lock: None }
+        let host_store = tempfile::Builder::new().prefix("dvn-store").tempdir_in("/tmp").unwrap();
+        Instance { dir, host_store, supervisor: None, _vm_lock: None }
     }
 
     pub fn state(&self) -> &Path {
@@ -66,7 +70,12 @@ impl Instance {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin());
-        cmd.arg("--state-dir").arg(self.state()).args(args).env("DVN_LOG", "info").stdin(Stdio::null());
+        cmd.arg("--state-dir")
+            .arg(self.state())
+            .args(args)
+            .env("DVN_LOG", "info")
+            .env("DVN_HOST_NIX_STORE", self.host_store.path())
+            .stdin(Stdio::null());
         cmd
     }
 
