@@ -14,8 +14,9 @@ pub const TAG_ROSETTA: &str = "rosetta";
 
 /// Guest vsock port of sshd (or of the agent's forwarder to sshd).
 pub const VSOCK_PORT_SSH: u32 = 22;
-/// Guest vsock port of the guest agent.
-pub const VSOCK_PORT_AGENT: u32 = 1025;
+/// Guest vsock port of the guest agent: privileged (< 1024), so only guest root can bind it, not a build
+/// that outlives the agent.
+pub const VSOCK_PORT_AGENT: u32 = 1023;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
