@@ -14,6 +14,7 @@ let
   wd = cfg.workingDirectory;
 
   hostAlias = "darwin-vz-nix";
+  sshConfigFile = "ssh/ssh_config.d/0-darwin-vz-nix.conf";
   logFile = "${wd}/daemon.log";
   # What launchd itself captures: only what is printed before logging starts (and --verbose's console copy).
   launchdLog = "${wd}/launchd.log";
@@ -285,7 +286,13 @@ in
 
       # Read by root's nix-daemon and by users' ssh: the guest's host key, generated on the host by
       # `darwin-vz-nix init`, is pinned; nothing is trusted on first use.
-      environment.etc."ssh/ssh_config.d/200-darwin-vz-nix.conf".text = ''
+      # ssh takes the first value it reads for each option, and reads /etc/ssh/ssh_config.d/* in lexical order
+      # (macOS' /etc/ssh/ssh_config includes them at its top). nix-darwin's programs.ssh.extraConfig is
+      # 100-nix-darwin.conf (modules/programs/ssh.nix), where a `Host *` block would otherwise win over a
+      # 200- file: this file sorts before any name that starts with a digit, so the pin holds whatever
+      # `Host *` settings follow. ProxyCommand/ProxyJump none: a global jump host must not carry the loopback
+      # connection elsewhere. GlobalKnownHostsFile /dev/null: only the pinned key is accepted.
+      environment.etc.${sshConfigFile}.text = ''
         Host ${hostAlias}
           HostName 127.0.0.1
           Port ${toString cfg.port}
@@ -294,8 +301,12 @@ in
           IdentitiesOnly yes
           HostKeyAlias ${hostAlias}
           UserKnownHostsFile ${wd}/ssh/known_hosts
+          GlobalKnownHostsFile /dev/null
           StrictHostKeyChecking yes
           UpdateHostKeys no
+          CheckHostIP no
+          ProxyCommand none
+          ProxyJump none
       '';
 
       # darwin-vz-nix writes daemon.log and console.log itself and reopens them when they are renamed, so

@@ -1,9 +1,10 @@
 # NixOS guest of darwin-vz-nix (aarch64-linux), honouring the guest contract of ../../design.md:
-# - virtio-fs `nix-store` (host store, read-only, optional), `dvn-config` (keys + settings.json, read-only),
-#   `rosetta` (optional);
-# - /dev/vda: ext4, formatted when blank (every boot when ephemeral), grown at boot;
-# - /nix/store = overlay (lower: `nix-store` share, upper: disk, or tmpfs when ephemeral);
-# - sshd on vsock port 22 (socket activation), the guest agent on vsock port 1025.
+# - virtio-fs `nix-store` (host store, read-only; the guest's own system lives there, so it is required),
+#   `dvn-config` (keys + settings.json, read-only), `rosetta` (optional);
+# - /dev/vda: ext4, formatted when blank (wiped first when ephemeral), grown at boot;
+# - /nix/store = overlay (lower: `nix-store` share, upper: disk);
+# - sshd on vsock port 22 (socket activation), the guest agent on vsock port 1023 (privileged: only root binds it).
+# The boot path and the reasons for each unit are in ./README.md.
 { config, lib, pkgs, modulesPath, ... }:
 
 let
@@ -11,18 +12,9 @@ let
   configDir = "/run/dvn-config";
   rosettaDir = "/run/rosetta";
   settings = "${configDir}/settings.json";
-
-  # Initrd (busybox) check of settings.json, mounted by the initrd at /dvn-config.
-  initrdEphemeral = ''
-    dvn_ephemeral=
-    mkdir -p /dvn-config
-    if mount -t virtiofs -o ro dvn-config /dvn-config 2>/dev/null; then
-      if grep -Eq '"ephemeral"[[:space:]]*:[[:space:]]*true' /dvn-config/settings.json 2>/dev/null; then
-        dvn_ephemeral=1
-      fi
-      umount /dvn-config
-    fi
-  '';
+  # systemd unit names of the two share mounts (`systemd-escape -p --suffix=mount`; tests/nix checks them).
+  configMount = "run-dvn\\x2dconfig.mount";
+  rosettaMount = "run-rosetta.mount";
 
   rosettaBinfmt = '':rosetta:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00:\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:${rosettaDir}/rosetta:CF'';
 in
@@ -38,8 +30,8 @@ in
     };
     agentPort = lib.mkOption {
       type = lib.types.port;
-      default = 1025;
-      description = "vsock port of the guest agent (guest contract).";
+      default = 1023;
+      description = "vsock port of the guest agent (guest contract: privileged, so only guest root can bind it).";
     };
   };
 
@@ -49,75 +41,94 @@ in
     nixpkgs.hostPlatform = lib.mkDefault "aarch64-linux";
     documentation.enable = false;
 
-    # --- boot: direct kernel boot by the host; no boot loader ---
+    # --- boot: direct kernel boot by the host; no boot loader; systemd in the initrd ---
     boot.loader.grub.enable = false;
-    boot.initrd.systemd.enable = false; # the scripted initrd runs the hooks below
-    boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_blk" "virtio_net" "virtio_console" "virtio_rng" "virtio_balloon" ];
-    boot.initrd.kernelModules = [ "virtiofs" "overlay" "ext4" ];
-    boot.kernelModules = [ "vsock" "vmw_vsock_virtio_transport" ];
+    # The scripted initrd is deprecated (removal planned for 26.11) and systemd's is the default: say so,
+    # so that a downgrade of the default cannot bring the old hooks back (system/boot/systemd/initrd.nix).
+    boot.initrd.systemd.enable = true;
+    # Only what the devices need (README.md "initrd"): the disk, the shares, the console. NixOS' default list
+    # (SATA, USB, NVMe, ...) only makes the initrd bigger and slower to unpack.
+    boot.initrd.includeDefaultModules = false;
+    boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_blk" "virtio_console" ];
+    # virtio-fs mounts name a tag, not a device: no udev event loads the module, so load it explicitly.
+    boot.initrd.kernelModules = [ "virtiofs" "overlay" ];
+    boot.kernelModules = [ "vmw_vsock_virtio_transport" ];
     # The host reads the toplevel's kernel-params and adds init=.
-    boot.kernelParams = [ "console=hvc0" ];
+    # systemd.ssh_auto=no: systemd-ssh-generator would otherwise add its own sshd-vsock.socket on vsock port 22
+    # (and an AF_UNIX one) in any VM; ours is the only one (README.md "sshd").
+    boot.kernelParams = [ "console=hvc0" "systemd.ssh_auto=no" ];
 
-    # --- disk: formatted when blank (every boot when ephemeral), grown to the device at boot ---
+    # --- disk: formatted when blank, grown to the device at boot (systemd-makefs / systemd-growfs) ---
     fileSystems."/" = {
       device = "/dev/vda";
       fsType = "ext4";
+      autoFormat = true;
       autoResize = true;
       options = [ "noatime" ];
     };
-    # The scripted initrd does not honour autoFormat: format here, before the root is mounted.
-    boot.initrd.extraUtilsCommands = ''
-      copy_bin_and_libs ${pkgs.e2fsprogs}/bin/mke2fs
-    '';
-    boot.initrd.postDeviceCommands = ''
-      ${initrdEphemeral}
-      fstype=$(blkid -o value -s TYPE /dev/vda || true)
-      if [ -n "$dvn_ephemeral" ] || [ -z "$fstype" ]; then
-        echo "darwin-vz: formatting /dev/vda (''${dvn_ephemeral:+ephemeral}''${fstype:-blank})"
-        mke2fs -q -F -t ext4 -L dvn-root /dev/vda
-      fi
-    '';
 
-    # --- /nix/store: overlay over the host store; the disk's store alone when the share is absent ---
-    boot.initrd.postMountCommands = ''
-      ${initrdEphemeral}
-      r=$targetRoot/nix
-      mkdir -p $r/.ro-store $r/.rw-store $r/store
-      if [ -n "$dvn_ephemeral" ]; then
-        mount -t tmpfs -o mode=0755 tmpfs $r/.rw-store
-      fi
-      mkdir -p $r/.rw-store/store $r/.rw-store/work
-      chown 0:30000 $r/.rw-store/store  # root:nixbld, as NixOS keeps /nix/store
-      chmod 1775 $r/.rw-store/store
-      if mount -t virtiofs -o ro nix-store $r/.ro-store; then
-        mount -t overlay overlay \
-          -o lowerdir=$r/.ro-store,upperdir=$r/.rw-store/store,workdir=$r/.rw-store/work $r/store
-      else
-        echo "darwin-vz: no nix-store share, using the disk's store only"
-        mount -o bind $r/.rw-store/store $r/store
-      fi
-    '';
+    # Ephemeral: wipe the disk's signature before systemd-makefs looks at it, so that every boot starts empty.
+    boot.initrd.systemd.services.dvn-ephemeral = {
+      description = "darwin-vz-nix: wipe /dev/vda when the host asks for an ephemeral guest";
+      requires = [ "dev-vda.device" ];
+      after = [ "dev-vda.device" "systemd-modules-load.service" ];
+      before = [ "systemd-makefs@dev-vda.service" "sysroot.mount" ];
+      wantedBy = [ "initrd-root-device.target" ];
+      unitConfig.DefaultDependencies = false;
+      serviceConfig.Type = "oneshot";
+      path = [ pkgs.util-linux pkgs.gnugrep ];
+      script = ''
+        mkdir -p /run/dvn-initrd-config
+        if mount -t virtiofs -o ro dvn-config /run/dvn-initrd-config; then
+          if grep -Eq '"ephemeral"[[:space:]]*:[[:space:]]*true' /run/dvn-initrd-config/settings.json; then
+            echo "darwin-vz: ephemeral guest, wiping /dev/vda"
+            wipefs -a /dev/vda
+          fi
+          umount /run/dvn-initrd-config
+        fi
+      '';
+    };
 
-    # --- the host's config share: keys and settings ---
+    # --- /nix/store: overlay over the host store, upper layer on the disk ---
+    # Nix's lock files: the guest's nix-daemon opens `<path>.lock` read-write, which makes overlayfs copy a lock
+    # file of the host (lower layer) up to the disk first; the guest's flock() then locks that copy, in the guest
+    # kernel, so a lock the host holds never blocks a guest build (README.md "Host lock files").
+    fileSystems."/nix/.ro-store" = {
+      device = "nix-store";
+      fsType = "virtiofs";
+      options = [ "ro" ];
+      neededForBoot = true;
+    };
+    fileSystems."/nix/store" = {
+      overlay = {
+        lowerdir = [ "/nix/.ro-store" ];
+        upperdir = "/nix/.rw-store/store";
+        workdir = "/nix/.rw-store/work";
+      };
+      neededForBoot = true;
+    };
+
+    # --- the host's config share (keys, settings) and Rosetta: optional, so `nofail` ---
+    # systemd.mount(5): a `nofail` mount is not ordered before local-fs.target; dvn-setup orders itself after
+    # both mount units instead (Wants + After: a missing share is skipped, never waited for).
     fileSystems.${configDir} = {
       device = "dvn-config";
       fsType = "virtiofs";
       options = [ "ro" "nofail" ];
     };
-
-    # --- Rosetta: mounted when shared; binfmt and x86_64-linux only when it is there ---
     fileSystems.${rosettaDir} = {
       device = "rosetta";
       fsType = "virtiofs";
-      options = [ "ro" "nofail" "x-systemd.device-timeout=2s" ];
+      options = [ "ro" "nofail" ];
     };
 
     systemd.services.dvn-setup = {
       description = "darwin-vz-nix guest setup (keys, nix settings, Rosetta)";
-      wantedBy = [ "multi-user.target" "sshd.socket" ];
-      before = [ "sshd.socket" "sshd-keygen.service" "nix-daemon.service" "nix-daemon.socket" ];
-      # The shares are `nofail` mounts: still ordered before local-fs.target, never required.
-      after = [ "local-fs.target" ];
+      wantedBy = [ "multi-user.target" ];
+      wants = [ configMount rosettaMount ];
+      after = [ configMount rosettaMount ];
+      # Not Before= any socket: sockets come before basic.target, which this unit (default dependencies)
+      # follows. sshd@.service and nix-daemon.service wait for it instead (below).
       path = [ pkgs.coreutils pkgs.jq pkgs.util-linux config.nix.package ];
       serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
       script = ''
@@ -128,6 +139,8 @@ in
         if [ -f ${configDir}/ssh_host_ed25519_key ]; then
           install -m 0600 ${configDir}/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
           install -m 0644 ${configDir}/ssh_host_ed25519_key.pub /etc/ssh/ssh_host_ed25519_key.pub
+        else
+          echo "darwin-vz: no host key in ${configDir}: sshd cannot start" >&2
         fi
         if [ -f ${configDir}/authorized_keys ]; then
           install -m 0644 ${configDir}/authorized_keys /run/dvn/authorized_keys
@@ -169,7 +182,7 @@ in
 
         # The share shows files with the host's uid, which may be builder's: once copied, unmount it so
         # nothing in the guest can read the host key through it.
-        umount ${configDir} || true
+        if mountpoint -q ${configDir}; then umount ${configDir}; fi
       '';
     };
 
@@ -178,6 +191,9 @@ in
       enable = true;
       startWhenNeeded = true;
       openFirewall = false;
+      # The host generates the guest's host key and pins it (dvn-setup installs it): a key made in the guest
+      # could never match the pin, so no sshd-keygen.service.
+      generateHostKeys = false;
       hostKeys = [{ path = "/etc/ssh/ssh_host_ed25519_key"; type = "ed25519"; }];
       authorizedKeysFiles = [ "/run/dvn/authorized_keys" ];
       settings = {
@@ -188,6 +204,11 @@ in
       };
     };
     systemd.sockets.sshd.socketConfig.ListenStream = lib.mkForce [ "vsock::22" ];
+    # A connection that arrives while dvn-setup runs is held until the host key is in place.
+    systemd.services."sshd@" = {
+      wants = [ "dvn-setup.service" ];
+      after = [ "dvn-setup.service" ];
+    };
 
     # --- guest agent on its vsock port ---
     systemd.services.dvn-agent = {
@@ -215,11 +236,13 @@ in
 
     # --- builder user: no password, no sudo ---
     users.mutableUsers = false;
-    users.users.root.hashedPassword = "!";
+    # users-groups.nix asserts that root or a wheel user can log in. Here nobody logs in but `builder`, with
+    # the key the host puts in the config share at boot (nothing declared at build time), and the host
+    # reaches a broken guest through the agent and the console log, not through a root login.
+    users.allowNoPasswordLogin = true;
     users.users.builder = {
       isNormalUser = true;
       description = "Nix remote builder";
-      hashedPassword = "!";
     };
     security.sudo.enable = false;
 
@@ -240,14 +263,16 @@ in
       wants = [ "dvn-setup.service" ];
     };
 
-    # --- network: DHCP from the host's NAT; DNS from DHCP, never hard-coded ---
+    # --- network: DHCP from the host's NAT (for fixed-output builds); nothing waits for it ---
     networking.useNetworkd = true;
     networking.useDHCP = false;
-    networking.firewall.enable = false; # nothing listens on the network: sshd is on vsock
+    networking.dhcpcd.enable = false;
+    networking.firewall.enable = false; # nothing listens on the network: sshd and the agent are on vsock
+    systemd.network.wait-online.enable = false;
     systemd.network.networks."10-uplink" = {
       matchConfig.Type = "ether";
       networkConfig.DHCP = "yes";
-      linkConfig.RequiredForOnline = "routable";
+      linkConfig.RequiredForOnline = "no";
     };
     services.resolved.enable = true;
   };

@@ -34,7 +34,10 @@ let
   daemon = c: c.launchd.daemons.darwin-vz-nix.serviceConfig;
   args = c: lib.drop 4 (daemon c).ProgramArguments;
   machine = c: builtins.head c.nix.buildMachines;
-  sshConfig = c: c.environment.etc."ssh/ssh_config.d/200-darwin-vz-nix.conf".text;
+  sshConfig = c: c.environment.etc."ssh/ssh_config.d/0-darwin-vz-nix.conf".text;
+  # /etc/ssh/ssh_config.d/* in the order ssh reads them (lexical, as glob(3) returns them).
+  sshConfigD = c: lib.sort (a: b: a < b)
+    (lib.filter (lib.hasPrefix "ssh/ssh_config.d/") (builtins.attrNames c.environment.etc));
   plist = c: c.environment.launchDaemons."org.nixos.darwin-vz-nix.plist".text;
   nonNull = v: if builtins.isAttrs v then lib.filterAttrs (_: x: x != null) v else v;
   failed = c: map (a: a.message) (lib.filter (a: !a.assertion) c.assertions);
@@ -70,6 +73,22 @@ let
   }];
   extraWithoutGuest = withPaths { extraNixOSConfig = { marker = "x"; }; };
   noPaths = evalWith [ ];
+  # A user's nix-darwin ssh settings that would break the pin if they were read first (tests/nix/run also
+  # resolves them with `ssh -G`).
+  userSsh = evalWith [{
+    services.darwin-vz = paths;
+    programs.ssh.extraConfig = ''
+      Host *
+        StrictHostKeyChecking no
+        UserKnownHostsFile ~/.ssh/known_hosts
+        GlobalKnownHostsFile /etc/ssh/ssh_known_hosts
+        HostKeyAlias elsewhere
+        User someone
+        Port 22
+        ProxyJump bastion.example
+        UpdateHostKeys yes
+    '';
+  }];
 
   # The flake's darwinModules.default, with a stand-in nixpkgs input (callPackage -> stub package,
   # nixosSystem -> fakeGuest): package and guest paths must default from the flake.
@@ -190,9 +209,18 @@ let
           IdentitiesOnly yes
           HostKeyAlias darwin-vz-nix
           UserKnownHostsFile /var/lib/darwin-vz-nix/ssh/known_hosts
+          GlobalKnownHostsFile /dev/null
           StrictHostKeyChecking yes
           UpdateHostKeys no
+          CheckHostIP no
+          ProxyCommand none
+          ProxyJump none
       '';
+    }
+    {
+      name = "ssh pin: read before nix-darwin's 100-nix-darwin.conf, whose `Host *` would otherwise win";
+      got = sshConfigD userSsh;
+      expected = [ "ssh/ssh_config.d/0-darwin-vz-nix.conf" "ssh/ssh_config.d/100-nix-darwin.conf" ];
     }
     {
       name = "defaults: activation runs `init` in a step nix-darwin runs (extraActivation)";
@@ -320,4 +348,6 @@ in
 {
   names = map (c: c.name) cases;
   inherit report;
+  # For tests/nix/run's `ssh -G` check: the ssh_config.d files of `userSsh`, in reading order.
+  sshConfigFiles = map (n: { name = baseNameOf n; inherit (userSsh.environment.etc.${n}) text; }) (sshConfigD userSsh);
 }
