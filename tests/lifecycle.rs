@@ -220,6 +220,13 @@ fn logs_follow_rotation_without_losing_lines() {
     let log = vm.state().join("daemon.log");
     vm.start_ready(&["--log-file", log.to_str().unwrap()]);
     assert!(fs::read_to_string(&log).unwrap().contains("ready in"), "the supervisor logs to --log-file");
+    // sshd can answer before the guest's "ready" line reaches the console (seen under load): wait for it, so
+    // the line is known to be in the file that is about to be rotated.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(vm.state().join("console.log")).unwrap_or_default().contains("dvn-guest: ready") {
+        assert!(Instant::now() < deadline, "no ready line on the console:\n{}", vm.console_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // What newsyslog does: rename, no signal.
     fs::rename(&log, vm.state().join("daemon.log.0")).unwrap();
     fs::rename(vm.state().join("console.log"), vm.state().join("console.log.0")).unwrap();
