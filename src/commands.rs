@@ -16,7 +16,7 @@ use dvn::instance::lock::{self, InstanceLock};
 use dvn::instance::process::PidRecord;
 use dvn::instance::{self, EffectiveConfig, Layout, disk};
 use dvn::supervisor::{Options, Supervisor};
-use dvn::{doctor, launch, listener, ssh};
+use dvn::{doctor, guest_config, launch, listener, ssh};
 
 /// Bad usage or bad input: exit code 2, nothing changed on disk.
 #[derive(Debug, thiserror::Error)]
@@ -69,10 +69,16 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
 
     layout.create()?;
     let _lock = InstanceLock::acquire(layout)?;
-    ssh::ensure_keys(layout)?;
-    if let Err(err) = launch::write_nix_registration(layout, &config, Path::new("nix-store")) {
+    let keys = ssh::ensure_keys(layout)?;
+    let registration = launch::nix_registration(&config, Path::new("nix-store")).unwrap_or_else(|err| {
         tracing::warn!("cannot register the guest system's store paths ({err}); the guest will not garbage-collect its store");
-    }
+        None
+    });
+    let settings = launch::guest_settings(&config, now_unix_ms());
+    guest_config::publish(
+        layout,
+        &guest_config::GuestFiles { settings: &settings, keys: &keys, nix_registration: registration.as_deref() },
+    )?;
     if config.ephemeral {
         // A fresh sparse disk each start; the guest formats it.
         disk::remove(layout)?;
@@ -104,6 +110,10 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
 }
 
 const DETACHED_ENV: &str = "DVN_DETACHED";
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
 
 /// Runs the same `start` in the background (own session, log to a file) and waits until it is ready.
 fn start_detached(layout: &Layout, args: &StartArgs) -> Result<ExitCode> {
