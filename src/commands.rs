@@ -23,6 +23,14 @@ use dvn::{doctor, guest_config, launch, listener, ssh};
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// Whether an error is about the input (exit code 2): a [`BadInput`], or a state directory that is not one.
+pub fn is_bad_input(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<BadInput>().is_some()
+            || e.downcast_ref::<instance::InstanceError>().is_some_and(instance::InstanceError::is_bad_input)
+    })
+}
+
 fn bad_input(message: impl Into<String>) -> anyhow::Error {
     BadInput(message.into()).into()
 }
@@ -353,6 +361,8 @@ fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {
         println!("nothing to destroy: {} does not exist", layout.root.display());
         return Ok(ExitCode::SUCCESS);
     }
+    // Only in a directory that init/start marked, never `/` or a home: `--state-dir ~ destroy` deletes nothing.
+    layout.check_destroyable()?;
     if lock::is_held(layout) {
         bail!("the VM in {} is running; stop it first with `darwin-vz-nix stop`", layout.root.display());
     }
@@ -369,21 +379,8 @@ fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {
         }
     }
     let _lock = InstanceLock::acquire(layout)?;
-    disk::remove(layout)?;
-    let mut doomed = vec![
-        layout.console_log(),
-        layout.guest_ip(),
-        layout.pid_file(),
-        layout.config_file(),
-        layout.machine_id_file(),
-        layout.mac_file(),
-        layout.runtime_dir(),
-    ];
-    if keys {
-        doomed.extend([layout.ssh_dir(), layout.guest_config_dir()]);
-    }
-    for path in doomed {
-        instance::remove_path(&path)?;
+    for path in layout.destroy_files(keys)? {
+        tracing::warn!("left {} alone: darwin-vz-nix did not make it (a link, or not of the type it makes)", path.display());
     }
     println!("destroyed the VM in {}{}", layout.root.display(), if keys { " (keys too)" } else { "; ssh keys kept" });
     Ok(ExitCode::SUCCESS)

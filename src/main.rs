@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("darwin-vz-nix: error: {err:#}");
-            if err.downcast_ref::<commands::BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+            if commands::is_bad_input(&err) { ExitCode::from(2) } else { ExitCode::from(1) }
         }
     }
 }

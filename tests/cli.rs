@@ -162,3 +162,50 @@ fn logs_prints_tails_and_follows() {
     follow.kill().unwrap();
     follow.wait().unwrap();
 }
+
+#[test]
+fn destroy_deletes_only_in_a_marked_state_directory_and_only_what_it_made() {
+    // A directory that looks like a home with files of our names: never a state directory of ours.
+    let home = tempfile::tempdir().unwrap();
+    for dir in ["run", "ssh", "guest-config"] {
+        fs::create_dir(home.path().join(dir)).unwrap();
+        fs::write(home.path().join(dir).join("keep"), "mine").unwrap();
+    }
+    for file in ["config.json", "console.log", "disk.img", "notes.txt"] {
+        fs::write(home.path().join(file), "mine").unwrap();
+    }
+    let before = snapshot(home.path());
+    let i = Instance::new();
+    let run = |dir: &std::path::Path, env_home: &std::path::Path| {
+        i.cmd(&["destroy", "--yes", "--keys"]).arg("--state-dir").arg(dir).env("HOME", env_home).output().unwrap()
+    };
+    let out = run(home.path(), i.state());
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a darwin-vz-nix state directory"));
+    assert_eq!(snapshot(home.path()), before, "destroy deleted in a directory it did not make");
+    // Even a marked home is refused.
+    fs::write(home.path().join(".darwin-vz-nix-state"), "").unwrap();
+    let before = snapshot(home.path());
+    assert_eq!(run(home.path(), home.path()).status.code(), Some(2));
+    assert_eq!(snapshot(home.path()), before);
+    // `init` refuses to adopt a directory with files it does not make, and changes nothing there.
+    let foreign = tempfile::tempdir().unwrap();
+    fs::write(foreign.path().join("notes.txt"), "mine").unwrap();
+    let before = snapshot(foreign.path());
+    let out = i.cmd(&["init"]).arg("--state-dir").arg(foreign.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(snapshot(foreign.path()), before);
+    // In a real state directory: what is not of the type we made (a link, a directory) is left alone.
+    assert!(i.run(&["init"]).status.success());
+    let victim = home.path().join("notes.txt");
+    std::os::unix::fs::symlink(&victim, i.state().join("disk.img")).unwrap();
+    fs::create_dir(i.state().join("console.log")).unwrap();
+    fs::write(i.state().join("config.json"), "{}").unwrap();
+    let out = i.run(&["destroy", "--yes", "--keys"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "mine");
+    assert!(fs::symlink_metadata(i.state().join("disk.img")).is_ok(), "the link itself is not ours to delete");
+    assert!(i.state().join("console.log").is_dir());
+    assert!(!i.state().join("config.json").exists());
+    assert!(!i.state().join("ssh").exists());
+}

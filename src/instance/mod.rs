@@ -242,6 +242,36 @@ impl Layout {
     }
 }
 
+/// What `destroy` deletes: only names we make, and each only if it is of the type we make (a link, or a
+/// directory where we keep a file, is left alone and reported). Returns the paths left alone.
+impl Layout {
+    pub fn destroy_files(&self, keys: bool) -> Result<Vec<PathBuf>, InstanceError> {
+        let mut doomed = vec![
+            (self.disk(), false),
+            (self.console_log(), false),
+            (self.guest_ip(), false),
+            (self.pid_file(), false),
+            (self.config_file(), false),
+            (self.machine_id_file(), false),
+            (self.mac_file(), false),
+            (self.runtime_dir(), true),
+        ];
+        if keys {
+            doomed.extend([(self.ssh_dir(), true), (self.guest_config_dir(), true)]);
+        }
+        let mut left = Vec::new();
+        for (path, is_dir) in doomed {
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() == is_dir && (is_dir || meta.is_file()) => remove_path(&path)?,
+                Ok(_) => left.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ok(left)
+    }
+}
+
 /// Marks a state directory; `destroy` refuses a directory without it.
 pub const MARKER: &str = ".darwin-vz-nix-state";
 const MARKER_CONTENTS: &str = "darwin-vz-nix state directory\nversion 1\n";
@@ -407,6 +437,32 @@ mod tests {
         assert_ne!(ensure_mac_address(&lb).unwrap(), mac_a, "two instances never share one");
         fs::write(la.mac_file(), "nonsense").unwrap();
         assert!(matches!(ensure_mac_address(&la), Err(InstanceError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn root_and_unmarked_directories_are_not_destroyable() {
+        assert!(matches!(Layout::new("/").check_destroyable(), Err(InstanceError::NotAStateDir { .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("s"));
+        fs::create_dir(&layout.root).unwrap();
+        assert!(matches!(layout.check_destroyable(), Err(InstanceError::NotAStateDir { .. })), "unmarked");
+        layout.create().unwrap();
+        layout.check_destroyable().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&layout.root, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(layout.check_destroyable(), Err(InstanceError::Unsafe { .. })));
+        assert!(matches!(layout.create(), Err(InstanceError::Unsafe { .. })), "a mode-777 state directory is refused");
+    }
+
+    #[test]
+    fn missing_parents_keep_the_default_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("var/lib/dvn"));
+        layout.create().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&layout.root), 0o700);
+        assert_ne!(mode(&dir.path().join("var/lib")), 0o700, "a parent made 0700 locks others out");
     }
 
     #[test]
