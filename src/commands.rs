@@ -101,6 +101,7 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
     let mac = instance::ensure_mac_address(layout)?;
     let (listener, origin) = listener::open(config.port)?;
     let spec = launch::vm_spec(layout, &config, mac);
+    engine.check(&spec).context("the hypervisor cannot run this VM safely")?;
     PidRecord::for_self().write(layout)?;
     let options = Options { verbose: args.verbose, ..Options::default() };
     let supervisor = Supervisor::new(layout.clone(), config, spec, engine, listener, options)?;

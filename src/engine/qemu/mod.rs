@@ -30,7 +30,8 @@ pub struct QemuEngine {
     arch: Arch,
     qemu: PathBuf,
     virtiofsd: PathBuf,
-    /// The Rust virtiofsd (`--shared-dir`, `--readonly`) or QEMU's older C one (`-o source=`).
+    /// The Rust virtiofsd (`--shared-dir`, `--readonly`) or QEMU's older C one (`-o source=`), which has no
+    /// read-only mode and so is refused for read-only shares.
     virtiofsd_is_rust: bool,
     vhost_vsock: PathBuf,
 }
@@ -40,10 +41,11 @@ fn find_program(env: &str, names: &[&str], extra_dirs: &[&str]) -> Option<PathBu
         return Some(PathBuf::from(path));
     }
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    dirs.extend(extra_dirs.iter().map(PathBuf::from));
+    // `cargo install` before the distribution's directories: Debian 12's /usr/lib/qemu/virtiofsd is the C one.
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
+    dirs.extend(extra_dirs.iter().map(PathBuf::from));
     dirs.iter().flat_map(|d| names.iter().map(move |n| d.join(n))).find(|p| p.is_file())
 }
 
@@ -53,8 +55,24 @@ pub fn locate_qemu() -> Option<PathBuf> {
 }
 
 pub fn locate_virtiofsd() -> Option<PathBuf> {
-    find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/lib/qemu", "/usr/libexec", "/usr/lib"])
+    find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/libexec", "/usr/lib", "/usr/lib/qemu"])
 }
+
+/// Whether this virtiofsd can make a share read-only itself (the Rust one's `--readonly`). QEMU's C virtiofsd
+/// cannot: a share it serves is writable by guest root whatever the guest's mount options say.
+pub fn virtiofsd_enforces_read_only(virtiofsd: &Path) -> Result<bool, EngineError> {
+    let help = Command::new(virtiofsd)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| EngineError::io(format!("running {} --help", virtiofsd.display()), e))?;
+    let says = |s: &[u8]| String::from_utf8_lossy(s).contains("--readonly");
+    Ok(says(&help.stdout) || says(&help.stderr))
+}
+
+/// How to get a virtiofsd that enforces read-only shares.
+pub const VIRTIOFSD_HINT: &str = "install the Rust virtiofsd (`cargo install virtiofsd --version 1.14.0 --locked`, which needs \
+     libcap-ng-dev and libseccomp-dev; Debian 13: apt-get install virtiofsd) or point DVN_VIRTIOFSD at one";
 
 pub fn locate_vhost_vsock() -> Option<PathBuf> {
     find_program("DVN_VHOST_VSOCK", &["vhost-device-vsock"], &[])
@@ -81,13 +99,23 @@ impl QemuEngine {
                 "install it with `cargo install vhost-device-vsock --version 0.3.0 --locked` or set DVN_VHOST_VSOCK",
             )
         })?;
-        let help = Command::new(&virtiofsd)
-            .arg("--help")
-            .output()
-            .map_err(|e| EngineError::io(format!("running {} --help", virtiofsd.display()), e))?;
-        let virtiofsd_is_rust = String::from_utf8_lossy(&help.stdout).contains("--shared-dir")
-            || String::from_utf8_lossy(&help.stderr).contains("--shared-dir");
+        let virtiofsd_is_rust = virtiofsd_enforces_read_only(&virtiofsd)?;
         Ok(QemuEngine { arch, qemu, virtiofsd, virtiofsd_is_rust, vhost_vsock })
+    }
+
+    /// Refuses a spec this engine cannot run as asked: a read-only share needs a virtiofsd that enforces it,
+    /// never only the guest's mount option.
+    fn check_spec(&self, spec: &VmSpec) -> Result<(), EngineError> {
+        if let Some(share) = spec.shares.iter().find(|s| s.read_only)
+            && !self.virtiofsd_is_rust
+        {
+            return Err(EngineError::ReadOnlyNotEnforced {
+                virtiofsd: self.virtiofsd.clone(),
+                tag: share.tag.clone(),
+                hint: VIRTIOFSD_HINT.into(),
+            });
+        }
+        Ok(())
     }
 
     /// KVM if it really runs a vCPU here, else TCG. DVN_QEMU_ACCEL=kvm|tcg overrides. Never hangs: the probe
@@ -181,7 +209,7 @@ impl QemuEngine {
                 cmd.arg("--readonly");
             }
         } else {
-            // QEMU's C virtiofsd has no read-only switch: the guest mounts such shares read-only.
+            // QEMU's C virtiofsd has no read-only switch: check_spec lets it serve writable shares only.
             cmd.arg(format!("--socket-path={}", socket.display()))
                 .args(["-o", &format!("source={}", source.display()), "-o", "cache=auto"])
                 .args(["-o", &format!("sandbox={}", if root { "namespace" } else { "chroot" })]);
@@ -222,7 +250,12 @@ fn wait_for_socket(path: &Path, helper: &mut Child, name: &str) -> Result<(), En
 }
 
 impl Engine for QemuEngine {
+    fn check(&self, spec: &VmSpec) -> Result<(), EngineError> {
+        self.check_spec(spec)
+    }
+
     fn boot(&self, spec: &VmSpec, mut console: Box<dyn Write + Send>) -> Result<Box<dyn Machine>, EngineError> {
+        self.check_spec(spec)?;
         if spec.rosetta == RosettaMode::Required {
             return Err(EngineError::InvalidSpec("Rosetta exists only with the vz engine on Apple silicon; drop --rosetta".into()));
         }
@@ -447,5 +480,57 @@ impl Machine for QemuMachine {
 impl Drop for QemuMachine {
     fn drop(&mut self) {
         Self::kill_all(self.children.get_mut().expect("not poisoned"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DiskSpec, NetworkSpec, ShareSpec};
+
+    fn fake_program(dir: &Path, name: &str, help: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        fs::write(&path, format!("#!/bin/sh\ncat <<'END'\n{help}\nEND\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_read_only_share_is_refused_with_a_virtiofsd_that_cannot_enforce_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_program(dir.path(), "c-virtiofsd", "usage: virtiofsd [options]\n-o source=PATH");
+        let rust = fake_program(dir.path(), "virtiofsd", "--shared-dir <SHARED_DIR>\n--readonly");
+        assert!(!virtiofsd_enforces_read_only(&c).unwrap());
+        assert!(virtiofsd_enforces_read_only(&rust).unwrap());
+        let engine = |virtiofsd: PathBuf| QemuEngine {
+            arch: Arch::host(),
+            qemu: "/bin/false".into(),
+            virtiofsd_is_rust: virtiofsd_enforces_read_only(&virtiofsd).unwrap(),
+            virtiofsd,
+            vhost_vsock: "/bin/false".into(),
+        };
+        let mut spec = VmSpec {
+            cpus: 1,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            kernel_cmdline: vec![],
+            disk: DiskSpec { path: "/d".into(), read_only: false },
+            shares: vec![ShareSpec { tag: "nix-store".into(), host_path: "/nix/store".into(), read_only: true }],
+            network: NetworkSpec { mac: "02:00:00:00:00:01".into() },
+            rosetta: RosettaMode::Off,
+            runtime_dir: dir.path().join("run"),
+            machine_id_file: dir.path().join("mid"),
+        };
+        let err = engine(c.clone()).check(&spec).unwrap_err();
+        assert!(matches!(&err, EngineError::ReadOnlyNotEnforced { tag, .. } if tag == "nix-store"), "{err}");
+        assert!(err.to_string().contains("cargo install virtiofsd"), "{err}");
+        let booted = engine(c.clone()).boot(&spec, Box::new(std::io::sink()));
+        assert!(matches!(booted, Err(EngineError::ReadOnlyNotEnforced { .. })), "boot refuses it too");
+        assert!(!spec.runtime_dir.exists(), "refused before anything was started");
+        engine(rust).check(&spec).unwrap();
+        spec.shares[0].read_only = false;
+        engine(c).check(&spec).unwrap();
     }
 }
