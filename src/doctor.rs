@@ -290,6 +290,12 @@ mod linux {
         let read_only = virtiofsd.as_deref().map(|v| engine_qemu::virtiofsd_enforces_read_only(v).unwrap_or(false));
         out.push(virtiofsd_verdict(virtiofsd.as_deref(), read_only));
         out.push(program_verdict(
+            "passt",
+            engine_qemu::locate_passt().as_deref(),
+            true,
+            "install passt (nixpkgs#passt, Debian: apt-get install passt): the guest's network without the host's loopback",
+        ));
+        out.push(program_verdict(
             "vhost-device-vsock",
             engine_qemu::locate_vhost_vsock().as_deref(),
             true,

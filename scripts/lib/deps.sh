@@ -21,11 +21,12 @@ apt_install() {
     }
 }
 
-# QEMU with virtiofsd, OpenSSH's client, vhost-device-vsock: what the qemu engine runs.
+# QEMU, passt (the guest's network), the Rust virtiofsd, vhost-device-vsock, OpenSSH's client: what the qemu
+# engine runs.
 ensure_vm_tools() {
     case "$(uname -m)" in
-        x86_64) apt_install qemu-system-x86 qemu-system-common openssh-client ;;
-        aarch64) apt_install qemu-system-arm qemu-system-common openssh-client ;;
+        x86_64) apt_install qemu-system-x86 qemu-system-common openssh-client passt ;;
+        aarch64) apt_install qemu-system-arm qemu-system-common openssh-client passt ;;
         *) die "unsupported architecture $(uname -m)" ;;
     esac
     # The Rust virtiofsd: QEMU 7.2's C virtiofsd cannot make a share read-only, and the engine refuses to boot

@@ -9,6 +9,7 @@ mod qmp;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,8 @@ pub struct QemuEngine {
     /// read-only mode and so is refused for read-only shares.
     virtiofsd_is_rust: bool,
     vhost_vsock: PathBuf,
+    /// The guest's network (user-mode, without a path to the host's loopback).
+    passt: PathBuf,
 }
 
 fn find_program(env: &str, names: &[&str], extra_dirs: &[&str]) -> Option<PathBuf> {
@@ -78,6 +81,31 @@ pub fn locate_vhost_vsock() -> Option<PathBuf> {
     find_program("DVN_VHOST_VSOCK", &["vhost-device-vsock"], &[])
 }
 
+pub fn locate_passt() -> Option<PathBuf> {
+    find_program("DVN_PASST", &["passt"], &["/usr/bin"])
+}
+
+/// The guest's network as passt gives it (the addresses QEMU's user network used): the gateway is not mapped
+/// to the host (`--no-map-gw`), so nothing reaches the host's loopback; DNS sent to 10.0.2.3 is forwarded to
+/// the host's resolver (the one exception, port 53 only); no port of the host is forwarded into the guest.
+pub fn passt_args(fd: std::os::fd::RawFd) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["--foreground", "--quiet", "--stderr", "--ipv4-only", "--no-map-gw"].iter().map(|s| s.to_string()).collect();
+    for (flag, value) in [
+        ("--address", "10.0.2.15"),
+        ("--netmask", "24"),
+        ("--gateway", "10.0.2.2"),
+        ("--dns", "10.0.2.3"),
+        ("--dns-forward", "10.0.2.3"),
+        ("--tcp-ports", "none"),
+        ("--udp-ports", "none"),
+    ] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args.extend(["--fd".to_string(), fd.to_string()]);
+    args
+}
+
 impl QemuEngine {
     /// Finds qemu-system, virtiofsd and vhost-device-vsock (overridable with DVN_QEMU, DVN_VIRTIOFSD,
     /// DVN_VHOST_VSOCK) and explains how to install whatever is missing.
@@ -99,8 +127,14 @@ impl QemuEngine {
                 "install it with `cargo install vhost-device-vsock --version 0.3.0 --locked` or set DVN_VHOST_VSOCK",
             )
         })?;
+        let passt = locate_passt().ok_or_else(|| {
+            missing(
+                "passt",
+                "install it (Debian: apt-get install passt) or set DVN_PASST; it gives the guest a network without the host's loopback",
+            )
+        })?;
         let virtiofsd_is_rust = virtiofsd_enforces_read_only(&virtiofsd)?;
-        Ok(QemuEngine { arch, qemu, virtiofsd, virtiofsd_is_rust, vhost_vsock })
+        Ok(QemuEngine { arch, qemu, virtiofsd, virtiofsd_is_rust, vhost_vsock, passt })
     }
 
     /// Refuses a spec this engine cannot run as asked: a read-only share needs a virtiofsd that enforces it,
@@ -211,7 +245,13 @@ impl QemuEngine {
         } else {
             // QEMU's C virtiofsd has no read-only switch: check_spec lets it serve writable shares only.
             cmd.arg(format!("--socket-path={}", socket.display()))
-                .args(["-o", &format!("source={}", source.display()), "-o", "cache=auto"])
+                // fuse's option parser splits at commas: escape them (and backslashes) in the path.
+                .args([
+                    "-o",
+                    &format!("source={}", source.display().to_string().replace('\\', "\\\\").replace(',', "\\,")),
+                    "-o",
+                    "cache=auto",
+                ])
                 .args(["-o", &format!("sandbox={}", if root { "namespace" } else { "chroot" })]);
         }
         cmd
@@ -233,6 +273,19 @@ fn supervised(mut cmd: Command, log: &File) -> Result<Command, EngineError> {
         });
     }
     Ok(cmd)
+}
+
+/// Lets the child inherit `fd` (under the same number): it is close-on-exec for every other child.
+fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl is async-signal-safe; it only clears FD_CLOEXEC on a descriptor this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 fn wait_for_socket(path: &Path, helper: &mut Child, name: &str) -> Result<(), EngineError> {
@@ -306,10 +359,23 @@ impl Engine for QemuEngine {
         machine.adopt(child, "vhost-device-vsock");
         ready?;
 
+        // The guest's network: a socket pair, one end for passt, one for QEMU. passt drops to `nobody`, which
+        // clears its parent-death signal, but it quits when QEMU's end closes (QEMU dies with us).
+        // std makes both ends close-on-exec.
+        let (net_qemu, net_passt) = UnixStream::pair().map_err(|e| EngineError::io("creating the network socket pair", e))?;
+        let mut passt = supervised(Command::new(&self.passt), &log)?;
+        passt.args(passt_args(net_passt.as_raw_fd()));
+        inherit_fd(&mut passt, net_passt.as_raw_fd());
+        let child = passt.spawn().map_err(|e| EngineError::io("starting passt", e))?;
+        drop(net_passt);
+        machine.adopt(child, "passt");
+
         let mut qemu = supervised(Command::new(&self.qemu), &log)?;
-        qemu.args(qemu_args(spec, self.arch, accel, &sockets)).stdout(Stdio::piped());
+        qemu.args(qemu_args(spec, self.arch, accel, &sockets, net_qemu.as_raw_fd())).stdout(Stdio::piped());
+        inherit_fd(&mut qemu, net_qemu.as_raw_fd());
         tracing::debug!("qemu: {:?}", qemu);
         let mut child = qemu.spawn().map_err(|e| EngineError::io(format!("starting {}", self.qemu.display()), e))?;
+        drop(net_qemu);
         let mut stdout = child.stdout.take().expect("piped stdout");
         machine.adopt(child, "qemu");
         thread::Builder::new()
@@ -509,6 +575,7 @@ mod tests {
             virtiofsd_is_rust: virtiofsd_enforces_read_only(&virtiofsd).unwrap(),
             virtiofsd,
             vhost_vsock: "/bin/false".into(),
+            passt: "/bin/false".into(),
         };
         let mut spec = VmSpec {
             cpus: 1,
