@@ -35,15 +35,28 @@ fn bad_input(message: impl Into<String>) -> anyhow::Error {
     BadInput(message.into()).into()
 }
 
-pub fn run(cli: Cli) -> Result<ExitCode> {
+/// Sets up logging, to stderr or to a log file.
+pub type InitLogging = fn(Option<&Path>) -> io::Result<()>;
+
+pub fn run(cli: Cli, init_logging: InitLogging) -> Result<ExitCode> {
+    let log_file = match &cli.command {
+        Command::Start(args) => args.log_file.clone(),
+        _ => None,
+    };
+    if log_file.is_none() {
+        init_logging(None)?;
+    }
     let state_dir = match cli.state_dir.clone() {
         Some(dir) => dir,
         None => instance::default_state_dir()?,
     };
     let layout = Layout::new(absolute(&state_dir));
+    if fs::metadata(&layout.root).is_ok_and(|m| !m.is_dir()) {
+        return Err(bad_input(format!("--state-dir {}: is not a directory", layout.root.display())));
+    }
     let engine = cli.engine.unwrap_or_else(EngineKind::platform_default);
     match cli.command {
-        Command::Start(args) => start(&layout, engine, &args),
+        Command::Start(args) => start(&layout, engine, &args, init_logging),
         Command::Init => init(&layout),
         Command::Ssh { ssh_options, command } => {
             let (options, remote) = split_ssh_args(&ssh_options, &command);
@@ -66,9 +79,12 @@ fn absolute(path: &Path) -> std::path::PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<ExitCode> {
-    // Everything that can be wrong with the input is found before the first write.
-    let (config, plan) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?.map_err(|e| bad_input(e.to_string()))?;
+fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs, init_logging: InitLogging) -> Result<ExitCode> {
+    // Everything that can be wrong with the input is found before the first write (the log file included).
+    let (config, _) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?.map_err(|e| bad_input(e.to_string()))?;
+    if let Some(path) = &args.log_file {
+        init_logging(Some(path))?;
+    }
     let engine = engine::for_kind(engine_kind).context("the hypervisor is not usable")?;
     // The background copy carries DVN_DETACHED, so it never detaches again (whatever flag spelling was used).
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
@@ -92,6 +108,8 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
         disk::remove(layout)?;
         disk::apply(layout, disk::DiskPlan::Create(args.disk_size))?;
     } else {
+        // Decided again under the lock: another start may have changed the disk since validation.
+        let plan = disk::plan(layout, args.disk_size)?.map_err(|e| bad_input(e.to_string()))?;
         if let disk::DiskPlan::Grow { from, to } = plan {
             tracing::info!("growing the disk from {from} to {to}; the guest grows its file system at boot");
         }
@@ -172,6 +190,13 @@ fn start_detached(layout: &Layout, args: &StartArgs) -> Result<ExitCode> {
 
 fn init(layout: &Layout) -> Result<ExitCode> {
     layout.create()?;
+    // Under the lock, so a concurrent start never pins one host key while the guest gets another. A running
+    // supervisor made the keys already: nothing to do then.
+    let _lock = match InstanceLock::acquire(layout) {
+        Ok(lock) => lock,
+        Err(lock::LockError::Busy { .. }) => return Ok(ExitCode::SUCCESS),
+        Err(e) => return Err(e.into()),
+    };
     ssh::ensure_keys(layout)?;
     Ok(ExitCode::SUCCESS)
 }

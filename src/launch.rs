@@ -20,6 +20,11 @@ pub enum InputError {
     Disk(#[from] disk::DiskError),
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "--ephemeral would delete the persistent disk {0} and everything on it; add --discard-disk to do that, \
+         or use another --state-dir"
+    )]
+    WouldDiscardDisk(PathBuf),
 }
 
 /// The host store shared as `nix-store`.
@@ -64,8 +69,17 @@ pub fn validate_start(
         Ok(share) => share,
         Err(e) => return Ok(Err(e)),
     };
+    if args.ephemeral && !args.discard_disk && layout.disk().exists() {
+        // A disk left by an ephemeral start is scratch; any other holds the store and homes.
+        let previous = EffectiveConfig::load(layout)?;
+        if !previous.is_some_and(|c| c.ephemeral) {
+            return Ok(Err(InputError::WouldDiscardDisk(layout.disk())));
+        }
+    }
     let plan = match disk::plan(layout, args.disk_size)? {
         Ok(plan) => plan,
+        // An ephemeral start makes a new disk: the old one's size does not matter.
+        Err(disk::DiskError::WouldShrink { .. }) if args.ephemeral => DiskPlan::Create(args.disk_size),
         Err(e) => return Ok(Err(e.into())),
     };
     let absolute = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());

@@ -177,7 +177,9 @@ impl QemuEngine {
 
     fn probe_kvm(&self) -> Result<(), String> {
         let machine = if self.arch == Arch::X86_64 { "q35" } else { "virt" };
-        let mut child = Command::new(&self.qemu)
+        let mut probe = Command::new(&self.qemu);
+        die_with_parent(&mut probe);
+        let mut child = probe
             .args([
                 "-accel",
                 "kvm",
@@ -262,6 +264,12 @@ impl QemuEngine {
 fn supervised(mut cmd: Command, log: &File) -> Result<Command, EngineError> {
     let log = log.try_clone().map_err(|e| EngineError::io("helper log", e))?;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log)).process_group(0);
+    die_with_parent(&mut cmd);
+    Ok(cmd)
+}
+
+/// SIGKILL for the child when this process dies (Linux), so no helper or probe outlives a killed supervisor.
+fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     #[cfg(target_os = "linux")]
     unsafe {
@@ -272,7 +280,8 @@ fn supervised(mut cmd: Command, log: &File) -> Result<Command, EngineError> {
             Ok(())
         });
     }
-    Ok(cmd)
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 /// Lets the child inherit `fd` (under the same number): it is close-on-exec for every other child.
