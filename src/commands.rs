@@ -422,22 +422,20 @@ fn logs(layout: &Layout, follow: bool, lines: Option<usize>) -> Result<ExitCode>
         }
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
-    let mut text = Vec::new();
-    file.read_to_end(&mut text)?;
+    // Streamed, and `-n` reads back from the end: a console log of any size costs a buffer, not its size.
+    let len = file.metadata()?.len();
     let start = match lines {
-        Some(n) => {
-            let newlines: Vec<usize> = text.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
-            if newlines.len() > n { newlines[newlines.len() - n - 1] + 1 } else { 0 }
-        }
+        Some(n) => tail_start(&mut file, len, n)?,
         None => 0,
     };
     let mut out = io::stdout().lock();
-    out.write_all(&text[start..])?;
+    file.seek(SeekFrom::Start(start))?;
+    io::copy(&mut (&mut file).take(len - start), &mut out)?;
     out.flush()?;
     if !follow {
         return Ok(ExitCode::SUCCESS);
     }
-    let mut position = text.len() as u64;
+    let mut position = len;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         use std::os::unix::fs::MetadataExt;
@@ -465,6 +463,31 @@ fn logs(layout: &Layout, follow: bool, lines: Option<usize>) -> Result<ExitCode>
     }
 }
 
+/// Where the last `n` lines of the first `len` bytes of `file` begin (a final newline ends the last line).
+fn tail_start(file: &mut (impl Read + Seek), len: u64, n: usize) -> io::Result<u64> {
+    if n == 0 {
+        return Ok(len);
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut pos, mut seen) = (len, 0);
+    while pos > 0 {
+        let chunk = buf.len().min(pos as usize);
+        pos -= chunk as u64;
+        file.seek(SeekFrom::Start(pos))?;
+        file.read_exact(&mut buf[..chunk])?;
+        for i in (0..chunk).rev() {
+            let at = pos + i as u64;
+            if buf[i] == b'\n' && at + 1 != len {
+                seen += 1;
+                if seen == n {
+                    return Ok(at + 1);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
 fn doctor_cmd(layout: &Layout, port: Option<u16>) -> Result<ExitCode> {
     let configured = EffectiveConfig::load(layout).ok().flatten().map(|c| c.port).filter(|p| *p != 0);
     let port = port.or(configured).unwrap_or(DEFAULT_SSH_PORT);
@@ -482,4 +505,27 @@ fn doctor_cmd(layout: &Layout, port: Option<u16>) -> Result<ExitCode> {
         println!("{:<4} {:<18} {}", check.status.as_str(), check.name, check.detail);
     }
     Ok(if doctor::worst(&checks) == doctor::CheckStatus::Fail { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_start_counts_lines_from_the_end() {
+        let at = |text: &str, n: usize| {
+            let mut cursor = io::Cursor::new(text.as_bytes().to_vec());
+            let start = tail_start(&mut cursor, text.len() as u64, n).unwrap() as usize;
+            text[start..].to_string()
+        };
+        assert_eq!(at("one\ntwo\nthree\n", 2), "two\nthree\n");
+        assert_eq!(at("one\ntwo\nthree\n", 1), "three\n");
+        assert_eq!(at("one\ntwo\nthree\n", 9), "one\ntwo\nthree\n");
+        assert_eq!(at("one\ntwo\nthree\n", 0), "");
+        assert_eq!(at("a\nb", 1), "b");
+        assert_eq!(at("", 3), "");
+        let long = format!("{}\nlast\n", "x".repeat(200_000));
+        assert_eq!(at(&long, 1), "last\n");
+        assert_eq!(at(&long, 2), long);
+    }
 }

@@ -226,3 +226,32 @@ fn destroy_deletes_only_in_a_marked_state_directory_and_only_what_it_made() {
     assert!(!i.state().join("config.json").exists());
     assert!(!i.state().join("ssh").exists());
 }
+
+#[test]
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its peak memory
+fn logs_tail_of_a_huge_console_log_reads_from_the_end() {
+    let i = Instance::new();
+    let console = i.state().join("console.log");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(fs::File::create(&console).unwrap());
+        let line = [b'x'; 1023];
+        for _ in 0..(96 << 10) {
+            f.write_all(&line).unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+        f.write_all(b"the end\n").unwrap();
+    }
+    let mut child = i.cmd(&["logs", "-n", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    // The child's peak memory, from wait4 (the whole 96 MiB file was read into memory before).
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pid of our own child and writable out-parameters.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert_eq!(out, "the end\n");
+    let max_rss_kib = usage.ru_maxrss;
+    assert!(max_rss_kib < 48 * 1024, "logs -n 1 used {max_rss_kib} KiB on a 96 MiB log");
+}

@@ -284,6 +284,31 @@ fn die_with_parent(cmd: &mut Command) {
     let _ = cmd;
 }
 
+/// Copies QEMU's stdout (the guest console) until it ends. It keeps draining even when the console file cannot
+/// take more (disk full): a full pipe would block the guest's console. What cannot be written is dropped, and
+/// that is said once.
+fn copy_console(stdout: &mut impl Read, console: &mut dyn Write) {
+    let mut buf = [0u8; 8192];
+    let mut failing = false;
+    while let Ok(n) = stdout.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        match console.write_all(&buf[..n]).and_then(|_| console.flush()) {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("the guest console is written again");
+            }
+            Ok(()) => {}
+            Err(err) if !failing => {
+                failing = true;
+                tracing::warn!("cannot write the guest console ({err}); dropping its output until it works again");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Lets the child inherit `fd` (under the same number): it is close-on-exec for every other child.
 fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
     // SAFETY: fcntl is async-signal-safe; it only clears FD_CLOEXEC on a descriptor this process owns.
@@ -390,13 +415,7 @@ impl Engine for QemuEngine {
         thread::Builder::new()
             .name("console".into())
             .spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = stdout.read(&mut buf) {
-                    if n == 0 || console.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    let _ = console.flush();
-                }
+                copy_console(&mut stdout, &mut console);
             })
             .map_err(|e| EngineError::io("console thread", e))?;
         // QEMU is up when its QMP socket answers; a bad option makes it exit first.
@@ -569,6 +588,23 @@ mod tests {
         fs::write(&path, format!("#!/bin/sh\ncat <<'END'\n{help}\nEND\n")).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
         path
+    }
+
+    #[test]
+    fn the_console_is_drained_when_it_cannot_be_written() {
+        struct Full(usize);
+        impl Write for Full {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += 1;
+                if self.0 > 1 { Err(std::io::Error::other("No space left on device")) } else { Ok(buf.len()) }
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut guest = std::io::Cursor::new(vec![b'x'; 100_000]);
+        copy_console(&mut guest, &mut Full(0));
+        assert_eq!(guest.position(), 100_000, "QEMU's output was drained to the end");
     }
 
     #[test]
