@@ -65,7 +65,7 @@ pub enum Command {
         #[arg(long)]
         force: bool,
         /// Seconds to wait for a clean shutdown before forcing it.
-        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
         timeout: u64,
     },
     /// Show whether the VM runs, and what it is doing.
@@ -169,9 +169,13 @@ pub struct StartArgs {
     /// Listen without booting; boot at the first connection (and again after an idle stop).
     #[arg(long)]
     pub on_demand: bool,
-    /// Start from a blank disk and a tmpfs store layer at every boot.
+    /// Start from a blank disk and a tmpfs store layer at every boot. Refused when a persistent disk exists,
+    /// unless --discard-disk is given too.
     #[arg(long)]
     pub ephemeral: bool,
+    /// With --ephemeral: delete the existing persistent disk (and everything on it).
+    #[arg(long, requires = "ephemeral")]
+    pub discard_disk: bool,
     /// nix-daemon max-jobs in the guest [default: cores].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_jobs: Option<u32>,

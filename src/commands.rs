@@ -16,26 +16,47 @@ use dvn::instance::lock::{self, InstanceLock};
 use dvn::instance::process::PidRecord;
 use dvn::instance::{self, EffectiveConfig, Layout, disk};
 use dvn::supervisor::{Options, Supervisor};
-use dvn::{doctor, launch, listener, ssh};
+use dvn::{doctor, guest_config, launch, listener, ssh};
 
 /// Bad usage or bad input: exit code 2, nothing changed on disk.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// Whether an error is about the input (exit code 2): a [`BadInput`], or a state directory that is not one.
+pub fn is_bad_input(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<BadInput>().is_some()
+            || e.downcast_ref::<instance::InstanceError>().is_some_and(instance::InstanceError::is_bad_input)
+    })
+}
+
 fn bad_input(message: impl Into<String>) -> anyhow::Error {
     BadInput(message.into()).into()
 }
 
-pub fn run(cli: Cli) -> Result<ExitCode> {
+/// Sets up logging, to stderr or to a log file.
+pub type InitLogging = fn(Option<&Path>) -> io::Result<()>;
+
+pub fn run(cli: Cli, init_logging: InitLogging) -> Result<ExitCode> {
+    let log_file = match &cli.command {
+        Command::Start(args) => args.log_file.clone(),
+        _ => None,
+    };
+    if log_file.is_none() {
+        init_logging(None)?;
+    }
     let state_dir = match cli.state_dir.clone() {
         Some(dir) => dir,
         None => instance::default_state_dir()?,
     };
     let layout = Layout::new(absolute(&state_dir));
+    if fs::metadata(&layout.root).is_ok_and(|m| !m.is_dir()) {
+        return Err(bad_input(format!("--state-dir {}: is not a directory", layout.root.display())));
+    }
     let engine = cli.engine.unwrap_or_else(EngineKind::platform_default);
     match cli.command {
-        Command::Start(args) => start(&layout, engine, &args),
+        Command::Start(args) => start(&layout, engine, &args, init_logging),
         Command::Init => init(&layout),
         Command::Ssh { ssh_options, command } => {
             let (options, remote) = split_ssh_args(&ssh_options, &command);
@@ -58,9 +79,12 @@ fn absolute(path: &Path) -> std::path::PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<ExitCode> {
-    // Everything that can be wrong with the input is found before the first write.
-    let (config, plan) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?.map_err(|e| bad_input(e.to_string()))?;
+fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs, init_logging: InitLogging) -> Result<ExitCode> {
+    // Everything that can be wrong with the input is found before the first write (the log file included).
+    let (config, _) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?.map_err(|e| bad_input(e.to_string()))?;
+    if let Some(path) = &args.log_file {
+        init_logging(Some(path))?;
+    }
     let engine = engine::for_kind(engine_kind).context("the hypervisor is not usable")?;
     // The background copy carries DVN_DETACHED, so it never detaches again (whatever flag spelling was used).
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
@@ -69,15 +93,23 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
 
     layout.create()?;
     let _lock = InstanceLock::acquire(layout)?;
-    ssh::ensure_keys(layout)?;
-    if let Err(err) = launch::write_nix_registration(layout, &config, Path::new("nix-store")) {
+    let keys = ssh::ensure_keys(layout)?;
+    let registration = launch::nix_registration(&config, Path::new("nix-store")).unwrap_or_else(|err| {
         tracing::warn!("cannot register the guest system's store paths ({err}); the guest will not garbage-collect its store");
-    }
+        None
+    });
+    let settings = launch::guest_settings(&config, now_unix_ms());
+    guest_config::publish(
+        layout,
+        &guest_config::GuestFiles { settings: &settings, keys: &keys, nix_registration: registration.as_deref() },
+    )?;
     if config.ephemeral {
         // A fresh sparse disk each start; the guest formats it.
         disk::remove(layout)?;
         disk::apply(layout, disk::DiskPlan::Create(args.disk_size))?;
     } else {
+        // Decided again under the lock: another start may have changed the disk since validation.
+        let plan = disk::plan(layout, args.disk_size)?.map_err(|e| bad_input(e.to_string()))?;
         if let disk::DiskPlan::Grow { from, to } = plan {
             tracing::info!("growing the disk from {from} to {to}; the guest grows its file system at boot");
         }
@@ -87,6 +119,7 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
     let mac = instance::ensure_mac_address(layout)?;
     let (listener, origin) = listener::open(config.port)?;
     let spec = launch::vm_spec(layout, &config, mac);
+    engine.check(&spec).context("the hypervisor cannot run this VM safely")?;
     PidRecord::for_self().write(layout)?;
     let options = Options { verbose: args.verbose, ..Options::default() };
     let supervisor = Supervisor::new(layout.clone(), config, spec, engine, listener, options)?;
@@ -104,6 +137,10 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs) -> Result<E
 }
 
 const DETACHED_ENV: &str = "DVN_DETACHED";
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
 
 /// Runs the same `start` in the background (own session, log to a file) and waits until it is ready.
 fn start_detached(layout: &Layout, args: &StartArgs) -> Result<ExitCode> {
@@ -153,6 +190,13 @@ fn start_detached(layout: &Layout, args: &StartArgs) -> Result<ExitCode> {
 
 fn init(layout: &Layout) -> Result<ExitCode> {
     layout.create()?;
+    // Under the lock, so a concurrent start never pins one host key while the guest gets another. A running
+    // supervisor made the keys already: nothing to do then.
+    let _lock = match InstanceLock::acquire(layout) {
+        Ok(lock) => lock,
+        Err(lock::LockError::Busy { .. }) => return Ok(ExitCode::SUCCESS),
+        Err(e) => return Err(e.into()),
+    };
     ssh::ensure_keys(layout)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -343,6 +387,8 @@ fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {
         println!("nothing to destroy: {} does not exist", layout.root.display());
         return Ok(ExitCode::SUCCESS);
     }
+    // Only in a directory that init/start marked, never `/` or a home: `--state-dir ~ destroy` deletes nothing.
+    layout.check_destroyable()?;
     if lock::is_held(layout) {
         bail!("the VM in {} is running; stop it first with `darwin-vz-nix stop`", layout.root.display());
     }
@@ -359,21 +405,8 @@ fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {
         }
     }
     let _lock = InstanceLock::acquire(layout)?;
-    disk::remove(layout)?;
-    let mut doomed = vec![
-        layout.console_log(),
-        layout.guest_ip(),
-        layout.pid_file(),
-        layout.config_file(),
-        layout.machine_id_file(),
-        layout.mac_file(),
-        layout.runtime_dir(),
-    ];
-    if keys {
-        doomed.extend([layout.ssh_dir(), layout.guest_config_dir()]);
-    }
-    for path in doomed {
-        instance::remove_path(&path)?;
+    for path in layout.destroy_files(keys)? {
+        tracing::warn!("left {} alone: darwin-vz-nix did not make it (a link, or not of the type it makes)", path.display());
     }
     println!("destroyed the VM in {}{}", layout.root.display(), if keys { " (keys too)" } else { "; ssh keys kept" });
     Ok(ExitCode::SUCCESS)
@@ -389,22 +422,20 @@ fn logs(layout: &Layout, follow: bool, lines: Option<usize>) -> Result<ExitCode>
         }
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
-    let mut text = Vec::new();
-    file.read_to_end(&mut text)?;
+    // Streamed, and `-n` reads back from the end: a console log of any size costs a buffer, not its size.
+    let len = file.metadata()?.len();
     let start = match lines {
-        Some(n) => {
-            let newlines: Vec<usize> = text.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
-            if newlines.len() > n { newlines[newlines.len() - n - 1] + 1 } else { 0 }
-        }
+        Some(n) => tail_start(&mut file, len, n)?,
         None => 0,
     };
     let mut out = io::stdout().lock();
-    out.write_all(&text[start..])?;
+    file.seek(SeekFrom::Start(start))?;
+    io::copy(&mut (&mut file).take(len - start), &mut out)?;
     out.flush()?;
     if !follow {
         return Ok(ExitCode::SUCCESS);
     }
-    let mut position = text.len() as u64;
+    let mut position = len;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         use std::os::unix::fs::MetadataExt;
@@ -432,6 +463,31 @@ fn logs(layout: &Layout, follow: bool, lines: Option<usize>) -> Result<ExitCode>
     }
 }
 
+/// Where the last `n` lines of the first `len` bytes of `file` begin (a final newline ends the last line).
+fn tail_start(file: &mut (impl Read + Seek), len: u64, n: usize) -> io::Result<u64> {
+    if n == 0 {
+        return Ok(len);
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut pos, mut seen) = (len, 0);
+    while pos > 0 {
+        let chunk = buf.len().min(pos as usize);
+        pos -= chunk as u64;
+        file.seek(SeekFrom::Start(pos))?;
+        file.read_exact(&mut buf[..chunk])?;
+        for i in (0..chunk).rev() {
+            let at = pos + i as u64;
+            if buf[i] == b'\n' && at + 1 != len {
+                seen += 1;
+                if seen == n {
+                    return Ok(at + 1);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
 fn doctor_cmd(layout: &Layout, port: Option<u16>) -> Result<ExitCode> {
     let configured = EffectiveConfig::load(layout).ok().flatten().map(|c| c.port).filter(|p| *p != 0);
     let port = port.or(configured).unwrap_or(DEFAULT_SSH_PORT);
@@ -449,4 +505,27 @@ fn doctor_cmd(layout: &Layout, port: Option<u16>) -> Result<ExitCode> {
         println!("{:<4} {:<18} {}", check.status.as_str(), check.name, check.detail);
     }
     Ok(if doctor::worst(&checks) == doctor::CheckStatus::Fail { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_start_counts_lines_from_the_end() {
+        let at = |text: &str, n: usize| {
+            let mut cursor = io::Cursor::new(text.as_bytes().to_vec());
+            let start = tail_start(&mut cursor, text.len() as u64, n).unwrap() as usize;
+            text[start..].to_string()
+        };
+        assert_eq!(at("one\ntwo\nthree\n", 2), "two\nthree\n");
+        assert_eq!(at("one\ntwo\nthree\n", 1), "three\n");
+        assert_eq!(at("one\ntwo\nthree\n", 9), "one\ntwo\nthree\n");
+        assert_eq!(at("one\ntwo\nthree\n", 0), "");
+        assert_eq!(at("a\nb", 1), "b");
+        assert_eq!(at("", 3), "");
+        let long = format!("{}\nlast\n", "x".repeat(200_000));
+        assert_eq!(at(&long, 1), "last\n");
+        assert_eq!(at(&long, 2), long);
+    }
 }

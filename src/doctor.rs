@@ -286,11 +286,14 @@ mod linux {
             let found = if required { engine_qemu::locate_qemu() } else { find_in_path(qemu, path) };
             out.push(program_verdict(qemu, found.as_deref(), required, hint));
         }
+        let virtiofsd = engine_qemu::locate_virtiofsd();
+        let read_only = virtiofsd.as_deref().map(|v| engine_qemu::virtiofsd_enforces_read_only(v).unwrap_or(false));
+        out.push(virtiofsd_verdict(virtiofsd.as_deref(), read_only));
         out.push(program_verdict(
-            "virtiofsd",
-            engine_qemu::locate_virtiofsd().as_deref(),
+            "passt",
+            engine_qemu::locate_passt().as_deref(),
             true,
-            "install virtiofsd (nixpkgs#virtiofsd or your distribution's package)",
+            "install passt (nixpkgs#passt, Debian: apt-get install passt): the guest's network without the host's loopback",
         ));
         out.push(program_verdict(
             "vhost-device-vsock",
@@ -309,6 +312,21 @@ mod linux {
         }
         out.push(kvm);
         out
+    }
+}
+
+/// virtiofsd must enforce read-only shares itself: with one that cannot (QEMU's C virtiofsd) the engine refuses
+/// to boot, since guest root could remount the store share read-write and change the host's /nix/store.
+pub fn virtiofsd_verdict(found: Option<&Path>, enforces_read_only: Option<bool>) -> Check {
+    let hint = "install the Rust virtiofsd (nixpkgs#virtiofsd, Debian 13's virtiofsd, or `cargo install virtiofsd`) or set DVN_VIRTIOFSD";
+    match (found, enforces_read_only) {
+        (None, _) => Check::new("virtiofsd", CheckStatus::Fail, format!("virtiofsd was not found; {hint}")),
+        (Some(p), Some(true)) => Check::new("virtiofsd", CheckStatus::Ok, format!("{} (enforces read-only shares)", p.display())),
+        (Some(p), _) => Check::new(
+            "virtiofsd",
+            CheckStatus::Fail,
+            format!("{} cannot make shares read-only (QEMU's C virtiofsd), so the VM will not boot with it; {hint}", p.display()),
+        ),
     }
 }
 
@@ -477,6 +495,16 @@ mod tests {
         assert_ne!(check_port(port).status, CheckStatus::Ok);
         drop(l);
         assert_eq!(check_port(port).status, CheckStatus::Ok);
+    }
+
+    #[test]
+    fn a_virtiofsd_without_read_only_fails() {
+        let p = Path::new("/usr/lib/qemu/virtiofsd");
+        assert_eq!(virtiofsd_verdict(Some(p), Some(true)).status, CheckStatus::Ok);
+        let c = virtiofsd_verdict(Some(p), Some(false));
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.detail.contains("read-only"), "{}", c.detail);
+        assert_eq!(virtiofsd_verdict(None, None).status, CheckStatus::Fail);
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::StartArgs;
 use crate::engine::EngineKind;
-use crate::guest_config::{FILE_SETTINGS, GuestSettings, SETTINGS_VERSION};
+use crate::guest_config::{GuestSettings, SETTINGS_VERSION};
 use crate::instance::disk::{self, DiskPlan};
-use crate::instance::{EffectiveConfig, InstanceError, Layout, write_atomic};
+use crate::instance::{EffectiveConfig, InstanceError, Layout};
 use crate::spec::{DiskSpec, NetworkSpec, RosettaMode, ShareSpec, TAG_CONFIG, TAG_NIX_STORE, VSOCK_PORT_AGENT, VmSpec};
 
 /// Bad input: reported with exit code 2, and nothing on disk was touched.
@@ -20,6 +20,11 @@ pub enum InputError {
     Disk(#[from] disk::DiskError),
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "--ephemeral would delete the persistent disk {0} and everything on it; add --discard-disk to do that, \
+         or use another --state-dir"
+    )]
+    WouldDiscardDisk(PathBuf),
 }
 
 /// The host store shared as `nix-store`.
@@ -64,8 +69,17 @@ pub fn validate_start(
         Ok(share) => share,
         Err(e) => return Ok(Err(e)),
     };
+    if args.ephemeral && !args.discard_disk && layout.disk().exists() {
+        // A disk left by an ephemeral start is scratch; any other holds the store and homes.
+        let previous = EffectiveConfig::load(layout)?;
+        if !previous.is_some_and(|c| c.ephemeral) {
+            return Ok(Err(InputError::WouldDiscardDisk(layout.disk())));
+        }
+    }
     let plan = match disk::plan(layout, args.disk_size)? {
         Ok(plan) => plan,
+        // An ephemeral start makes a new disk: the old one's size does not matter.
+        Err(disk::DiskError::WouldShrink { .. }) if args.ephemeral => DiskPlan::Create(args.disk_size),
         Err(e) => return Ok(Err(e.into())),
     };
     let absolute = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
@@ -154,9 +168,9 @@ pub fn vm_spec(layout: &Layout, config: &EffectiveConfig, mac: String) -> VmSpec
     }
 }
 
-/// Writes `settings.json` into the `dvn-config` share, just before each boot.
-pub fn write_guest_settings(layout: &Layout, config: &EffectiveConfig, host_unix_ms: i64) -> Result<(), InstanceError> {
-    let settings = GuestSettings {
+/// The guest's settings for a boot at `host_unix_ms`.
+pub fn guest_settings(config: &EffectiveConfig, host_unix_ms: i64) -> GuestSettings {
+    GuestSettings {
         version: SETTINGS_VERSION,
         cores: config.cores,
         memory_mib: config.memory_mib,
@@ -164,23 +178,21 @@ pub fn write_guest_settings(layout: &Layout, config: &EffectiveConfig, host_unix
         ephemeral: config.ephemeral,
         agent_port: VSOCK_PORT_AGENT,
         host_unix_ms,
-    };
-    let json = serde_json::to_vec_pretty(&settings).expect("settings serialize");
-    write_atomic(&layout.guest_config_dir().join(FILE_SETTINGS), &json, 0o644)
+    }
 }
 
-/// File in the `dvn-config` share with the Nix database entries of the guest system's closure.
-pub const FILE_NIX_REGISTRATION: &str = "nix-registration";
+/// Rewrites `settings.json` in the `dvn-config` share, just before each boot.
+pub fn write_guest_settings(layout: &Layout, config: &EffectiveConfig, host_unix_ms: i64) -> Result<(), InstanceError> {
+    crate::guest_config::write_settings(layout, &guest_settings(config, host_unix_ms))
+}
 
-/// Registers the guest system's closure for the guest's nix-daemon (`nix-store --load-db` at boot), so it
-/// treats those lower-layer paths as valid and its garbage collector never deletes what it runs from.
-/// Only the closure of `--system`: it is a GC root on the host (the launchd job names it), whereas any other
-/// host path could be collected by the host while the guest believes it valid.
-pub fn write_nix_registration(layout: &Layout, config: &EffectiveConfig, nix_store: &Path) -> Result<(), String> {
-    let target = layout.guest_config_dir().join(FILE_NIX_REGISTRATION);
-    let Some(system) = config.system.as_ref().filter(|_| config.share_nix_store) else {
-        return crate::instance::remove_path(&target).map_err(|e| e.to_string());
-    };
+/// The Nix database entries of the guest system's closure, for the share's `nix-registration` (`nix-store
+/// --load-db` at boot), so the guest's nix-daemon treats those lower-layer paths as valid and its garbage
+/// collector never deletes what it runs from. Only the closure of `--system`: it is a GC root on the host (the
+/// launchd job names it), whereas any other host path could be collected by the host while the guest believes
+/// it valid. None without a system or without the store share.
+pub fn nix_registration(config: &EffectiveConfig, nix_store: &Path) -> Result<Option<Vec<u8>>, String> {
+    let Some(system) = config.system.as_ref().filter(|_| config.share_nix_store) else { return Ok(None) };
     let run = |args: &[&std::ffi::OsStr]| -> Result<Vec<u8>, String> {
         let out = std::process::Command::new(nix_store).args(args).output().map_err(|e| format!("running {}: {e}", nix_store.display()))?;
         if !out.status.success() {
@@ -192,8 +204,7 @@ pub fn write_nix_registration(layout: &Layout, config: &EffectiveConfig, nix_sto
     let paths: Vec<std::ffi::OsString> = String::from_utf8_lossy(&closure).lines().map(Into::into).collect();
     let mut args: Vec<&std::ffi::OsStr> = vec!["--dump-db".as_ref()];
     args.extend(paths.iter().map(|p| p.as_os_str()));
-    let registration = run(&args)?;
-    write_atomic(&target, &registration, 0o644).map_err(|e| e.to_string())
+    run(&args).map(Some)
 }
 
 #[cfg(test)]
@@ -269,13 +280,11 @@ mod tests {
         fs::create_dir(&host_store).unwrap();
         let (config, _) = validate_start(&args, EngineKind::Qemu, &layout, &host_store).unwrap().unwrap();
         assert!(config.share_nix_store, "a host with a store shares it by default");
-        write_nix_registration(&layout, &config, &fake).unwrap();
-        let target = layout.guest_config_dir().join(FILE_NIX_REGISTRATION);
-        assert_eq!(fs::read_to_string(&target).unwrap(), "db /nix/store/aaa-sys /nix/store/bbb-glibc\n");
+        let registration = nix_registration(&config, &fake).unwrap().unwrap();
+        assert_eq!(String::from_utf8(registration).unwrap(), "db /nix/store/aaa-sys /nix/store/bbb-glibc\n");
         let no_share = EffectiveConfig { share_nix_store: false, ..config.clone() };
-        write_nix_registration(&layout, &no_share, &fake).unwrap();
-        assert!(!target.exists(), "no stale registration without the store share");
-        let err = write_nix_registration(&layout, &config, Path::new("/nonexistent/nix-store")).unwrap_err();
+        assert_eq!(nix_registration(&no_share, &fake).unwrap(), None, "no registration without the store share");
+        let err = nix_registration(&config, Path::new("/nonexistent/nix-store")).unwrap_err();
         assert!(err.contains("/nonexistent/nix-store"), "{err}");
     }
 

@@ -2,7 +2,7 @@
 //! goes to a new file at the same path. No signal is needed and no line is written to a file being rotated away
 //! for longer than one write.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,8 +19,9 @@ struct Inner {
     identity: (u64, u64),
 }
 
+/// Never through a link at the path: a log in the state directory must not become a write to another file.
 fn open_append(path: &Path) -> io::Result<(File, (u64, u64))> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let file = crate::instance::open_append_nofollow(path)?;
     let meta = file.metadata()?;
     Ok((file, (meta.dev(), meta.ino())))
 }
@@ -86,5 +87,18 @@ mod tests {
         let mut clone = log.clone();
         writeln!(clone, "four").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\nfour\n");
+    }
+
+    #[test]
+    fn a_planted_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, victim) = (dir.path().join("console.log"), dir.path().join("victim"));
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert!(ReopeningFile::open(&path).is_err());
+        let mut log = ReopeningFile::open(dir.path().join("other.log")).unwrap();
+        std::fs::rename(&path, dir.path().join("other.log")).unwrap();
+        assert!(writeln!(log, "x").is_err(), "a link swapped in by rotation is not followed either");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     }
 }

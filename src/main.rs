@@ -18,19 +18,12 @@ fn main() -> ExitCode {
             return ExitCode::from(err.exit_code() as u8);
         }
     };
-    let log_file = match &cli.command {
-        dvn::cli::Command::Start(args) => args.log_file.clone(),
-        _ => None,
-    };
-    if let Err(err) = init_logging(log_file.as_deref()) {
-        eprintln!("darwin-vz-nix: error: {err}");
-        return ExitCode::from(1);
-    }
-    match commands::run(cli) {
+    // Logging starts inside `run`: a `start` opens its --log-file only once its input is known to be good.
+    match commands::run(cli, init_logging) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("darwin-vz-nix: error: {err:#}");
-            if err.downcast_ref::<commands::BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+            if commands::is_bad_input(&err) { ExitCode::from(2) } else { ExitCode::from(1) }
         }
     }
 }

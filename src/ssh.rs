@@ -25,14 +25,24 @@ pub enum SshError {
     Instance(#[from] InstanceError),
 }
 
+/// What the guest gets of the keys (through the `dvn-config` share): never the client's private key.
+#[derive(Debug, Clone)]
+pub struct GuestKeys {
+    /// The client's public key line, for the guest's authorized_keys.
+    pub client_public: String,
+    /// The guest's host key (OpenSSH private key) and its public line.
+    pub host_private: Vec<u8>,
+    pub host_public: String,
+}
+
 /// Makes whatever keys are missing and (re)writes known_hosts from the guest's host key. Idempotent.
-pub fn ensure_keys(layout: &Layout) -> Result<(), SshError> {
-    let client_pub = ensure_key_pair(&layout.client_key(), &layout.client_key_pub(), "darwin-vz-nix client")?;
-    let host_pub = ensure_key_pair(&layout.guest_host_key(), &layout.guest_host_key_pub(), "darwin-vz-nix guest")?;
-    write_atomic(&layout.known_hosts(), known_hosts_line(&host_pub).as_bytes(), 0o644)?;
-    let authorized = layout.guest_config_dir().join(crate::guest_config::FILE_AUTHORIZED_KEYS);
-    write_atomic(&authorized, format!("{}\n", client_pub.trim()).as_bytes(), 0o644)?;
-    Ok(())
+pub fn ensure_keys(layout: &Layout) -> Result<GuestKeys, SshError> {
+    let client_public = ensure_key_pair(&layout.client_key(), &layout.client_key_pub(), "darwin-vz-nix client")?;
+    let host_public = ensure_key_pair(&layout.guest_host_key(), &layout.guest_host_key_pub(), "darwin-vz-nix guest")?;
+    write_atomic(&layout.known_hosts(), known_hosts_line(&host_public).as_bytes(), 0o644)?;
+    let host_key = layout.guest_host_key();
+    let host_private = fs::read(&host_key).map_err(io_err(&host_key))?;
+    Ok(GuestKeys { client_public, host_private, host_public })
 }
 
 /// The known_hosts entry that pins the guest under HOST_ALIAS.
@@ -120,15 +130,13 @@ mod tests {
         let known = fs::read_to_string(layout.known_hosts()).unwrap();
         assert_eq!(known, known_hosts_line(&host_pub));
         assert!(known.starts_with("darwin-vz-nix ssh-ed25519 "));
-        let authorized = fs::read_to_string(layout.guest_config_dir().join("authorized_keys")).unwrap();
-        assert_eq!(authorized.trim(), fs::read_to_string(layout.client_key_pub()).unwrap().trim());
-        // The share holds no client private key: no line of its secret body appears there.
+        let keys = ensure_keys(&layout).unwrap();
+        assert_eq!(keys.client_public.trim(), fs::read_to_string(layout.client_key_pub()).unwrap().trim());
+        assert_eq!(keys.host_public.trim(), host_pub.trim());
+        // What goes to the guest holds no line of the client key's secret body.
         let client_text = String::from_utf8(client.clone()).unwrap();
         let secret_line = client_text.lines().nth(3).unwrap();
-        for entry in fs::read_dir(layout.guest_config_dir()).unwrap() {
-            let text = fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
-            assert!(!text.contains(secret_line), "client key leaked into the share");
-        }
+        assert!(!String::from_utf8_lossy(&keys.host_private).contains(secret_line));
         // Idempotent: a second run changes no key and repairs loose permissions.
         fs::set_permissions(layout.client_key(), fs::Permissions::from_mode(0o644)).unwrap();
         ensure_keys(&layout).unwrap();

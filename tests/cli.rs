@@ -65,6 +65,7 @@ fn bad_input_exits_2_and_changes_nothing() {
     fs::File::create(i.state().join("disk.img")).unwrap().set_len(2 << 30).unwrap();
     let before = snapshot(i.state());
     let (k, r) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    let log = i.state().join("daemon.log");
     let cases: Vec<Vec<&str>> = vec![
         vec!["start", "--kernel", k, "--initrd", r, "--cores", "0"],
         vec!["start", "--kernel", k, "--initrd", r, "--memory", "-1"],
@@ -83,6 +84,10 @@ fn bad_input_exits_2_and_changes_nothing() {
         vec!["start", "--kernel", k, "--initrd", r, "--engine", "vz"],
         vec!["start", "--initrd", r],
         vec!["stop", "--timeout", "x"],
+        vec!["stop", "--timeout", "18446744073709551615"],
+        vec!["start", "--kernel", k, "--initrd", r, "--ephemeral"],
+        vec!["start", "--kernel", k, "--initrd", r, "--discard-disk"],
+        vec!["start", "--kernel", "/nonexistent/kernel", "--initrd", r, "--log-file", log.to_str().unwrap()],
         vec!["destroy"],
         vec!["frobnicate"],
     ];
@@ -94,6 +99,16 @@ fn bad_input_exits_2_and_changes_nothing() {
         assert!(stderr.lines().filter(|l| l.contains("error")).count() <= 1, "{args:?}: one message, not a cascade: {stderr}");
         assert_eq!(snapshot(i.state()), before, "{args:?} changed the state directory");
     }
+    // A state directory that is a regular file: one message, exit 2, for any command.
+    let file = dir.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    for args in [vec!["start", "--kernel", k, "--initrd", r], vec!["status"], vec!["init"], vec!["destroy", "--yes"]] {
+        let out = i.cmd(&args).arg("--state-dir").arg(&file).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} with a file as state dir: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "x");
+    }
     let shrink = String::from_utf8_lossy(&i.run(&["start", "--kernel", k, "--initrd", r, "--disk-size", "1G"]).stderr).into_owned();
     assert!(shrink.contains("smaller than the existing disk") && shrink.contains("2G"), "{shrink}");
 }
@@ -103,9 +118,11 @@ fn init_is_idempotent_and_keys_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let i = Instance::new();
     assert!(i.run(&["init"]).status.success());
-    let first = snapshot(i.state());
+    // The lock file names its last holder (init takes the lock too); everything else stays as it was.
+    let without_lock = |i: &Instance| snapshot(i.state()).into_iter().filter(|e| !e.0.ends_with("lock")).collect::<Vec<_>>();
+    let first = without_lock(&i);
     assert!(i.run(&["init"]).status.success());
-    assert_eq!(snapshot(i.state()), first);
+    assert!(without_lock(&i) == first, "a second init changed the state directory");
     let mode = fs::metadata(i.state().join("ssh/id_ed25519")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let keygen = std::process::Command::new("ssh-keygen").arg("-y").arg("-f").arg(i.state().join("ssh/id_ed25519")).output();
@@ -161,4 +178,80 @@ fn logs_prints_tails_and_follows() {
     assert_eq!(lines.next().unwrap().unwrap(), "five");
     follow.kill().unwrap();
     follow.wait().unwrap();
+}
+
+#[test]
+fn destroy_deletes_only_in_a_marked_state_directory_and_only_what_it_made() {
+    // A directory that looks like a home with files of our names: never a state directory of ours.
+    let home = tempfile::tempdir().unwrap();
+    for dir in ["run", "ssh", "guest-config"] {
+        fs::create_dir(home.path().join(dir)).unwrap();
+        fs::write(home.path().join(dir).join("keep"), "mine").unwrap();
+    }
+    for file in ["config.json", "console.log", "disk.img", "notes.txt"] {
+        fs::write(home.path().join(file), "mine").unwrap();
+    }
+    let before = snapshot(home.path());
+    let i = Instance::new();
+    let run = |dir: &std::path::Path, env_home: &std::path::Path| {
+        i.cmd(&["destroy", "--yes", "--keys"]).arg("--state-dir").arg(dir).env("HOME", env_home).output().unwrap()
+    };
+    let out = run(home.path(), i.state());
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a darwin-vz-nix state directory"));
+    assert_eq!(snapshot(home.path()), before, "destroy deleted in a directory it did not make");
+    // Even a marked home is refused.
+    fs::write(home.path().join(".darwin-vz-nix-state"), "").unwrap();
+    let before = snapshot(home.path());
+    assert_eq!(run(home.path(), home.path()).status.code(), Some(2));
+    assert_eq!(snapshot(home.path()), before);
+    // `init` refuses to adopt a directory with files it does not make, and changes nothing there.
+    let foreign = tempfile::tempdir().unwrap();
+    fs::write(foreign.path().join("notes.txt"), "mine").unwrap();
+    let before = snapshot(foreign.path());
+    let out = i.cmd(&["init"]).arg("--state-dir").arg(foreign.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(snapshot(foreign.path()), before);
+    // In a real state directory: what is not of the type we made (a link, a directory) is left alone.
+    assert!(i.run(&["init"]).status.success());
+    let victim = home.path().join("notes.txt");
+    std::os::unix::fs::symlink(&victim, i.state().join("disk.img")).unwrap();
+    fs::create_dir(i.state().join("console.log")).unwrap();
+    fs::write(i.state().join("config.json"), "{}").unwrap();
+    let out = i.run(&["destroy", "--yes", "--keys"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "mine");
+    assert!(fs::symlink_metadata(i.state().join("disk.img")).is_ok(), "the link itself is not ours to delete");
+    assert!(i.state().join("console.log").is_dir());
+    assert!(!i.state().join("config.json").exists());
+    assert!(!i.state().join("ssh").exists());
+}
+
+#[test]
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its peak memory
+fn logs_tail_of_a_huge_console_log_reads_from_the_end() {
+    let i = Instance::new();
+    let console = i.state().join("console.log");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(fs::File::create(&console).unwrap());
+        let line = [b'x'; 1023];
+        for _ in 0..(96 << 10) {
+            f.write_all(&line).unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+        f.write_all(b"the end\n").unwrap();
+    }
+    let mut child = i.cmd(&["logs", "-n", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    // The child's peak memory, from wait4 (the whole 96 MiB file was read into memory before).
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pid of our own child and writable out-parameters.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert_eq!(out, "the end\n");
+    let max_rss_kib = usage.ru_maxrss;
+    assert!(max_rss_kib < 48 * 1024, "logs -n 1 used {max_rss_kib} KiB on a 96 MiB log");
 }

@@ -21,13 +21,21 @@ apt_install() {
     }
 }
 
-# QEMU with virtiofsd, OpenSSH's client, vhost-device-vsock: what the qemu engine runs.
+# QEMU, passt (the guest's network), the Rust virtiofsd, vhost-device-vsock, OpenSSH's client: what the qemu
+# engine runs.
 ensure_vm_tools() {
     case "$(uname -m)" in
-        x86_64) apt_install qemu-system-x86 qemu-system-common openssh-client ;;
-        aarch64) apt_install qemu-system-arm qemu-system-common openssh-client ;;
+        x86_64) apt_install qemu-system-x86 qemu-system-common openssh-client passt ;;
+        aarch64) apt_install qemu-system-arm qemu-system-common openssh-client passt ;;
         *) die "unsupported architecture $(uname -m)" ;;
     esac
+    # The Rust virtiofsd: QEMU 7.2's C virtiofsd cannot make a share read-only, and the engine refuses to boot
+    # read-only shares with it (guest root could remount them read-write and write to the host).
+    if ! { command -v virtiofsd >/dev/null && virtiofsd --help 2>&1 | grep -q -- --readonly; }; then
+        apt_install libcap-ng-dev libseccomp-dev pkg-config
+        log "cargo install virtiofsd 1.14.0 (a few minutes)"
+        cargo install --quiet --locked virtiofsd --version 1.14.0
+    fi
     if ! command -v vhost-device-vsock >/dev/null; then
         log "cargo install vhost-device-vsock 0.3.0 (about 30 s)"
         cargo install --quiet --locked vhost-device-vsock --version 0.3.0

@@ -55,13 +55,18 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         match vsock_accept(&listener) {
             Ok(stream) => {
                 let config = config.clone();
-                thread::spawn(move || {
+                // A failed spawn (out of threads or memory) drops this connection, not the agent.
+                let spawned = thread::Builder::new().name("agent-conn".into()).spawn(move || {
                     if let Err(err) = serve(stream, &config)
                         && !matches!(err, ProtocolError::Closed)
                     {
                         eprintln!("dvn-agent: connection ended: {err}");
                     }
                 });
+                if let Err(err) = spawned {
+                    eprintln!("dvn-agent: cannot serve a connection: {err}");
+                    thread::sleep(Duration::from_millis(100));
+                }
             }
             Err(err) => {
                 eprintln!("dvn-agent: accept failed: {err}");
@@ -78,12 +83,16 @@ fn forward_ssh(listener: OwnedFd, target: String) {
             continue;
         };
         let target = target.clone();
-        thread::spawn(move || match TcpStream::connect(&target) {
+        let spawned = thread::Builder::new().name("ssh-forward-conn".into()).spawn(move || match TcpStream::connect(&target) {
             Ok(sshd) => {
                 let _ = crate::relay::relay(Box::new(stream), Box::new(sshd));
             }
             Err(err) => eprintln!("dvn-agent: sshd at {target} is not reachable: {err}"),
         });
+        if let Err(err) = spawned {
+            eprintln!("dvn-agent: cannot forward a connection: {err}");
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -92,19 +101,25 @@ fn serve(stream: UnixStream, config: &AgentConfig) -> Result<(), ProtocolError> 
     let mut reader = BufReader::new(stream);
     loop {
         let line = protocol::read_line(&mut reader)?;
-        let response = match protocol::decode_request(&line) {
-            Ok(request) => match handle(&request, config) {
+        let request = protocol::decode_request(&line);
+        let response = match &request {
+            Ok(request) => match handle(request, config) {
                 Ok(reply) => protocol::ok_response(&reply),
                 Err(message) => protocol::error_response(message),
             },
             Err(err) => protocol::error_response(err.to_string()),
         };
         protocol::write_message(&mut writer, &response)?;
-        if line.contains("\"poweroff\"") && response.ok {
+        // Only a request that decodes to Poweroff powers off, not any line that mentions it.
+        if should_power_off(&request) && response.ok {
             writer.flush()?;
             power_off(&config.poweroff_command);
         }
     }
+}
+
+fn should_power_off<E>(request: &Result<Request, E>) -> bool {
+    matches!(request, Ok(Request::Poweroff))
 }
 
 fn handle(request: &Request, config: &AgentConfig) -> Result<Reply, String> {
@@ -243,6 +258,19 @@ mod tests {
         assert_eq!(count_builds(root, &HashSet::from([30001, 30002])), 2, "two build users busy");
         fake_process(root, 30, 11, "cc1", AUTO_ALLOCATED_BUILD_UID_BASE + 5);
         assert_eq!(count_builds(root, &HashSet::from([30001, 30002])), 3);
+    }
+
+    #[test]
+    fn only_a_decoded_poweroff_powers_off() {
+        let line = |request: &Request| serde_json::to_value(protocol::encode_request(request)).unwrap();
+        let mut status = line(&Request::Status);
+        status["note"] = serde_json::json!("poweroff");
+        let status = status.to_string();
+        assert!(status.contains("\"poweroff\""), "the old check would have powered off: {status}");
+        assert_eq!(protocol::decode_request(&status).unwrap(), Request::Status);
+        assert!(!should_power_off(&protocol::decode_request(&status)));
+        assert!(!should_power_off(&protocol::decode_request(r#"{"garbage":"poweroff"}"#)));
+        assert!(should_power_off(&protocol::decode_request(&line(&Request::Poweroff).to_string())));
     }
 
     #[test]

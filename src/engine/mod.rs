@@ -19,6 +19,11 @@ pub enum EngineError {
     Missing { what: String, hint: String },
     #[error("invalid VM configuration: {0}")]
     InvalidSpec(String),
+    /// A read-only share would in truth be writable by the guest.
+    #[error(
+        "{virtiofsd} cannot make the '{tag}' share read-only (QEMU's C virtiofsd has no read-only mode), and the guest must not be able to write to it: {hint}"
+    )]
+    ReadOnlyNotEnforced { virtiofsd: std::path::PathBuf, tag: String, hint: String },
     #[error("the VM could not be started: {0}")]
     Boot(String),
     #[error("guest vsock port {port} is not accepting connections: {reason}")]
@@ -81,6 +86,12 @@ pub enum StopReason {
 }
 
 pub trait Engine: Send + Sync {
+    /// Whether this engine can run `spec` as described (read-only shares really read-only, ...), checked
+    /// before anything is started; `boot` checks it again.
+    fn check(&self, _spec: &VmSpec) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Boots the VM described by `spec`. Returns once the hypervisor runs the guest (not once the guest is ready).
     /// Console bytes from the guest are written to `console`.
     fn boot(&self, spec: &VmSpec, console: Box<dyn io::Write + Send>) -> Result<Box<dyn Machine>, EngineError>;

@@ -48,7 +48,19 @@ pub fn apply(layout: &Layout, plan: DiskPlan) -> Result<(), InstanceError> {
     match plan {
         DiskPlan::Keep(_) => Ok(()),
         DiskPlan::Create(size) | DiskPlan::Grow { to: size, .. } => {
-            let file = OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io_err(&path))?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            // Never shrink, whatever the plan said: the file may have grown since it was made.
+            if file.metadata().map_err(io_err(&path))?.len() >= size.0 {
+                return Ok(());
+            }
             file.set_len(size.0).map_err(io_err(&path))?;
             file.sync_all().map_err(io_err(&path))
         }
@@ -88,5 +100,10 @@ mod tests {
         assert_eq!(refused, DiskError::WouldShrink { requested: g(1), current: g(4) });
         assert!(refused.to_string().contains("--disk-size 4G or larger"), "{refused}");
         assert_eq!(plan(&layout, ByteSize(1000)).unwrap(), Err(DiskError::Unaligned(ByteSize(1000))));
+        // A stale plan (made before another start grew the disk) never shrinks it.
+        apply(&layout, DiskPlan::Grow { from: g(1), to: g(3) }).unwrap();
+        assert_eq!(usage(&layout).unwrap().1, 4 << 30);
+        apply(&layout, DiskPlan::Create(g(1))).unwrap();
+        assert_eq!(usage(&layout).unwrap().1, 4 << 30);
     }
 }

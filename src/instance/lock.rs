@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::thread;
 use std::time::Duration;
 
@@ -27,7 +28,16 @@ impl InstanceLock {
     /// Takes the lock without waiting long: a short retry covers a concurrent `status` probe.
     pub fn acquire(layout: &Layout) -> Result<Self, LockError> {
         let path = layout.lock_file();
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_err(&path))?;
+        // Never through a link: the pid is written into whatever file this opens.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io_err(&path))?;
         for attempt in 0..5 {
             match file.try_lock() {
                 Ok(()) => {
@@ -51,7 +61,7 @@ impl InstanceLock {
 
 /// Whether a supervisor holds the lock now. Creates nothing: a missing lock file means nothing runs.
 pub fn is_held(layout: &Layout) -> bool {
-    let Ok(file) = File::open(layout.lock_file()) else { return false };
+    let Ok(file) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(layout.lock_file()) else { return false };
     // A shared lock conflicts only with the supervisor's exclusive one, so concurrent probes don't collide.
     match file.try_lock_shared() {
         Ok(()) => {
@@ -90,5 +100,16 @@ mod tests {
         std::fs::write(layout.lock_file(), "1").unwrap();
         assert!(!is_held(&layout), "a pid in a file is not a lock");
         InstanceLock::acquire(&layout).unwrap();
+    }
+
+    #[test]
+    fn a_planted_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, layout.lock_file()).unwrap();
+        assert!(InstanceLock::acquire(&layout).is_err(), "a link at the lock's path is refused");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     }
 }

@@ -24,6 +24,19 @@ pub enum InstanceError {
     },
     #[error("{path} is corrupt ({reason}); remove it or run `darwin-vz-nix destroy`")]
     Corrupt { path: PathBuf, reason: String },
+    /// The directory is not one `init`/`start` made: nothing is created or deleted in it.
+    #[error("{path} is not a darwin-vz-nix state directory ({reason}); pass --state-dir with an empty or new directory")]
+    NotAStateDir { path: PathBuf, reason: String },
+    /// The directory or one of its entries could be changed by someone else, or is a link we did not make.
+    #[error("{path} is not safe to use: {reason}")]
+    Unsafe { path: PathBuf, reason: String },
+}
+
+impl InstanceError {
+    /// Whether the error is about what the user pointed us at (exit code 2) rather than a failure (1).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, InstanceError::NotAStateDir { .. } | InstanceError::Unsafe { .. } | InstanceError::NoDefaultStateDir)
+    }
 }
 
 pub fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstanceError + '_ {
@@ -68,15 +81,16 @@ impl Layout {
     pub fn known_hosts(&self) -> PathBuf {
         self.ssh_dir().join("known_hosts")
     }
-    /// The read-only `dvn-config` share: the guest's host key, authorized_keys, settings.
+    /// The read-only `dvn-config` share, rebuilt by every `start` (see `guest_config`).
     pub fn guest_config_dir(&self) -> PathBuf {
         self.root.join("guest-config")
     }
+    /// The guest's ssh host key, made and kept on the host (never in the share, which is rebuilt from it).
     pub fn guest_host_key(&self) -> PathBuf {
-        self.guest_config_dir().join(crate::guest_config::FILE_HOST_KEY)
+        self.ssh_dir().join("guest_host_ed25519_key")
     }
     pub fn guest_host_key_pub(&self) -> PathBuf {
-        self.guest_config_dir().join(crate::guest_config::FILE_HOST_KEY_PUB)
+        self.ssh_dir().join("guest_host_ed25519_key.pub")
     }
     pub fn guest_ip(&self) -> PathBuf {
         self.root.join("guest-ip")
@@ -108,18 +122,183 @@ impl Layout {
         self.root.join("machine-identifier")
     }
 
+    /// The marker that `init`/`start` leave in a state directory; `destroy` deletes nothing without it.
+    pub fn marker(&self) -> PathBuf {
+        self.root.join(MARKER)
+    }
+
     pub fn exists(&self) -> bool {
         self.root.is_dir()
     }
 
-    /// Creates the state directory (0700: it holds a private key).
+    /// Creates the state directory (0700: it holds a private key) and its subdirectories, and marks it as ours.
+    /// Missing parents get the default mode (a 0700 /var/lib would lock everyone else out). An existing
+    /// directory is used only if it is safe (ours, not writable by others) and is a state directory already:
+    /// marked, empty, or holding nothing but the names we make (one made before the marker existed).
     pub fn create(&self) -> Result<(), InstanceError> {
         use std::os::unix::fs::DirBuilderExt;
-        for dir in [self.root.clone(), self.ssh_dir(), self.guest_config_dir(), self.runtime_dir()] {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
+        let root = &self.root;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        match fs::DirBuilder::new().mode(0o700).create(root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(root)(e)),
+        }
+        self.check_root()?;
+        self.check_is_state_dir()?;
+        if !self.is_marked() {
+            write_atomic(&self.marker(), MARKER_CONTENTS.as_bytes(), 0o644)?;
+        }
+        for dir in [self.ssh_dir(), self.guest_config_dir(), self.runtime_dir()] {
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&dir)(e)),
+            }
+            let meta = fs::symlink_metadata(&dir).map_err(io_err(&dir))?;
+            if !meta.is_dir() {
+                return Err(InstanceError::Unsafe {
+                    path: dir,
+                    reason: "is not a directory (a link or a file where we keep a directory)".into(),
+                });
+            }
         }
         Ok(())
     }
+
+    /// The state directory itself: a directory that we own and that nobody else can write to.
+    pub fn check_root(&self) -> Result<(), InstanceError> {
+        use std::os::unix::fs::MetadataExt;
+        let root = &self.root;
+        let meta = fs::metadata(root).map_err(|e| match e.kind() {
+            io::ErrorKind::NotADirectory => {
+                InstanceError::NotAStateDir { path: root.clone(), reason: "a parent is not a directory".into() }
+            }
+            _ => io_err(root)(e),
+        })?;
+        if !meta.is_dir() {
+            return Err(InstanceError::NotAStateDir { path: root.clone(), reason: "it is not a directory".into() });
+        }
+        let me = nix::unistd::Uid::effective().as_raw();
+        if meta.uid() != me {
+            return Err(InstanceError::Unsafe {
+                path: root.clone(),
+                reason: format!("it belongs to uid {}, not to us (uid {me})", meta.uid()),
+            });
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(InstanceError::Unsafe {
+                path: root.clone(),
+                reason: format!("others can write to it (mode {:o}); `chmod 700` it", meta.mode() & 0o7777),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn is_marked(&self) -> bool {
+        fs::symlink_metadata(self.marker()).is_ok_and(|m| m.is_file())
+    }
+
+    /// Marked, or (made before the marker existed) empty or holding only names we make.
+    fn check_is_state_dir(&self) -> Result<(), InstanceError> {
+        if self.is_marked() {
+            return Ok(());
+        }
+        let entries = fs::read_dir(&self.root).map_err(io_err(&self.root))?;
+        for entry in entries {
+            let name = entry.map_err(io_err(&self.root))?.file_name();
+            let name = name.to_string_lossy();
+            if !is_our_name(&name) {
+                return Err(InstanceError::NotAStateDir {
+                    path: self.root.clone(),
+                    reason: format!("it is not empty and holds '{name}', which darwin-vz-nix does not make"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `destroy` may delete in this directory: marked by `init`/`start`, and never `/` or a home.
+    pub fn check_destroyable(&self) -> Result<(), InstanceError> {
+        let not_ours = |reason: &str| InstanceError::NotAStateDir { path: self.root.clone(), reason: reason.into() };
+        let canonical = fs::canonicalize(&self.root).map_err(io_err(&self.root))?;
+        if canonical.parent().is_none() {
+            return Err(not_ours("it is the root directory"));
+        }
+        let homes = [
+            std::env::var_os("HOME").map(PathBuf::from),
+            nix::unistd::User::from_uid(nix::unistd::Uid::current()).ok().flatten().map(|u| u.dir),
+        ];
+        if homes.iter().flatten().any(|h| fs::canonicalize(h).is_ok_and(|h| h == canonical)) {
+            return Err(not_ours("it is a home directory"));
+        }
+        self.check_root()?;
+        if !self.is_marked() {
+            return Err(not_ours(&format!("it has no {MARKER}, which `init` and `start` write")));
+        }
+        Ok(())
+    }
+}
+
+/// What `destroy` deletes: only names we make, and each only if it is of the type we make (a link, or a
+/// directory where we keep a file, is left alone and reported). Returns the paths left alone.
+impl Layout {
+    pub fn destroy_files(&self, keys: bool) -> Result<Vec<PathBuf>, InstanceError> {
+        let mut doomed = vec![
+            (self.disk(), false),
+            (self.console_log(), false),
+            (self.guest_ip(), false),
+            (self.pid_file(), false),
+            (self.config_file(), false),
+            (self.machine_id_file(), false),
+            (self.mac_file(), false),
+            (self.runtime_dir(), true),
+        ];
+        if keys {
+            doomed.extend([(self.ssh_dir(), true), (self.guest_config_dir(), true)]);
+        }
+        let mut left = Vec::new();
+        for (path, is_dir) in doomed {
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() == is_dir && (is_dir || meta.is_file()) => remove_path(&path)?,
+                Ok(_) => left.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ok(left)
+    }
+}
+
+/// Marks a state directory; `destroy` refuses a directory without it.
+pub const MARKER: &str = ".darwin-vz-nix-state";
+const MARKER_CONTENTS: &str = "darwin-vz-nix state directory\nversion 1\n";
+
+/// The names darwin-vz-nix makes in a state directory (rotated logs and temporary files included).
+fn is_our_name(name: &str) -> bool {
+    const EXACT: [&str; 16] = [
+        MARKER,
+        "disk.img",
+        "ssh",
+        "guest-config",
+        "guest-ip",
+        "vm.pid",
+        "console.log",
+        "lock",
+        "config.json",
+        "run",
+        "mac-address",
+        "machine-identifier",
+        "daemon.log",
+        "launchd.log",
+        "vm.tmp",
+        "config.tmp",
+    ];
+    EXACT.contains(&name)
+        || ["console.log.", "daemon.log.", "launchd.log.", ".dvn-", "guest-config."].iter().any(|p| name.starts_with(p))
+        || name.ends_with(".tmp")
 }
 
 /// What `start` ran with, kept in `config.json` for `status`, `ssh` and `doctor`.
@@ -178,18 +357,29 @@ pub fn remove_path(path: &Path) -> Result<(), InstanceError> {
     }
 }
 
-/// Writes a file by rename, so readers never see half of it.
+/// Writes a file by rename in its own directory, so readers never see half of it. The temporary file has a
+/// fresh name (created exclusively: a link planted in the directory is never followed) and gets its final mode
+/// before it appears; the rename replaces whatever `path` was (a planted link included) without following it;
+/// the file and then the directory are synced.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstanceError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let write = || -> io::Result<()> {
-        let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
+        let mut tmp = tempfile::Builder::new().prefix(".dvn-").suffix(".tmp").tempfile_in(dir)?;
+        tmp.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+        tmp.write_all(contents)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        fs::File::open(dir)?.sync_all()
     };
     write().map_err(io_err(path))
+}
+
+/// Opens a file for appending without following a link at its path (console.log, logs): created 0644 if new.
+pub fn open_append_nofollow(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().create(true).append(true).mode(0o644).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
 /// Reads the instance's MAC address, making a new random locally administered one the first time.
@@ -247,6 +437,32 @@ mod tests {
         assert_ne!(ensure_mac_address(&lb).unwrap(), mac_a, "two instances never share one");
         fs::write(la.mac_file(), "nonsense").unwrap();
         assert!(matches!(ensure_mac_address(&la), Err(InstanceError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn root_and_unmarked_directories_are_not_destroyable() {
+        assert!(matches!(Layout::new("/").check_destroyable(), Err(InstanceError::NotAStateDir { .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("s"));
+        fs::create_dir(&layout.root).unwrap();
+        assert!(matches!(layout.check_destroyable(), Err(InstanceError::NotAStateDir { .. })), "unmarked");
+        layout.create().unwrap();
+        layout.check_destroyable().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&layout.root, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(layout.check_destroyable(), Err(InstanceError::Unsafe { .. })));
+        assert!(matches!(layout.create(), Err(InstanceError::Unsafe { .. })), "a mode-777 state directory is refused");
+    }
+
+    #[test]
+    fn missing_parents_keep_the_default_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("var/lib/dvn"));
+        layout.create().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&layout.root), 0o700);
+        assert_ne!(mode(&dir.path().join("var/lib")), 0o700, "a parent made 0700 locks others out");
     }
 
     #[test]

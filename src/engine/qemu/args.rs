@@ -39,6 +39,11 @@ pub struct Sockets {
     pub shares: Vec<PathBuf>,
 }
 
+/// A value inside a QEMU `key=value,...` option: a comma is doubled, else `dir,x` would end the value at `dir`.
+pub fn qemu_value(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
 impl Sockets {
     pub fn in_dir(dir: &Path, share_count: usize) -> Self {
         Sockets {
@@ -53,7 +58,8 @@ impl Sockets {
 /// QOM id of the vsock device, for asking QEMU whether the guest started it.
 pub const VSOCK_DEVICE_ID: &str = "vsock0";
 
-pub fn qemu_args(spec: &VmSpec, arch: Arch, accel: Accel, sockets: &Sockets) -> Vec<String> {
+/// `net_fd`: QEMU's end of a connected socket pair whose other end passt serves.
+pub fn qemu_args(spec: &VmSpec, arch: Arch, accel: Accel, sockets: &Sockets, net_fd: i32) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
@@ -82,23 +88,25 @@ pub fn qemu_args(spec: &VmSpec, arch: Arch, accel: Accel, sockets: &Sockets) -> 
     // database stay consistent across a host crash; unsafe or writethrough would trade safety or speed.
     let drive = format!(
         "file={},format=raw,if=none,id=disk0,cache=writeback,discard=unmap{}",
-        spec.disk.path.display(),
+        qemu_value(&spec.disk.path),
         if spec.disk.read_only { ",readonly=on" } else { "" }
     );
     push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=disk0"]);
     let nic = format!("virtio-net-pci,netdev=net0,mac={}", spec.network.mac);
-    push(&["-netdev", "user,id=net0", "-device", &nic]);
+    // passt's user-mode network (no path to the host's loopback), not QEMU's own, whose gateway is the host.
+    let netdev = format!("stream,id=net0,server=off,addr.type=fd,addr.str={net_fd}");
+    push(&["-netdev", &netdev, "-device", &nic]);
     for (i, (share, socket)) in spec.shares.iter().zip(&sockets.shares).enumerate() {
-        let chardev = format!("socket,id=fs{i},path={}", socket.display());
+        let chardev = format!("socket,id=fs{i},path={}", qemu_value(socket));
         let device = format!("vhost-user-fs-pci,chardev=fs{i},tag={}", share.tag);
         push(&["-chardev", &chardev, "-device", &device]);
     }
-    let vsock = format!("socket,id=vsock0,path={}", sockets.vhost_vsock.display());
+    let vsock = format!("socket,id=vsock0,path={}", qemu_value(&sockets.vhost_vsock));
     push(&["-chardev", &vsock, "-device", &format!("vhost-user-vsock-pci,chardev=vsock0,id={VSOCK_DEVICE_ID}")]);
     // The console goes to QEMU's stdout, which the engine copies into console.log.
     push(&["-device", "virtio-serial-pci", "-chardev", "stdio,id=con0,signal=off", "-device", "virtconsole,chardev=con0"]);
     push(&["-device", "virtio-rng-pci", "-device", "virtio-balloon-pci"]);
-    let qmp = format!("unix:{},server=on,wait=off", sockets.qmp.display());
+    let qmp = format!("unix:{},server=on,wait=off", qemu_value(&sockets.qmp));
     push(&["-qmp", &qmp]);
     args
 }
@@ -134,7 +142,7 @@ mod tests {
     #[test]
     fn command_line_has_every_device_of_the_model() {
         let s = spec();
-        let args = qemu_args(&s, Arch::X86_64, Accel::Tcg, &Sockets::in_dir(Path::new("/s/run"), 2));
+        let args = qemu_args(&s, Arch::X86_64, Accel::Tcg, &Sockets::in_dir(Path::new("/s/run"), 2), 7);
         assert_eq!(value_after(&args, "-append"), ["init=/sys/init loglevel=4 console=hvc0"]);
         assert_eq!(value_after(&args, "-accel"), ["tcg,tb-size=64"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
@@ -152,11 +160,23 @@ mod tests {
     }
 
     #[test]
+    fn commas_in_paths_are_escaped_and_the_network_is_passt() {
+        let mut s = spec();
+        s.disk.path = "/st,x/disk.img".into();
+        let args = qemu_args(&s, Arch::X86_64, Accel::Tcg, &Sockets::in_dir(Path::new("/st,x/run"), 2), 7);
+        assert!(value_after(&args, "-drive")[0].starts_with("file=/st,,x/disk.img,format=raw"), "{args:?}");
+        assert!(value_after(&args, "-chardev").iter().all(|c| !c.contains("path=") || c.contains("/st,,x/run/")), "{args:?}");
+        assert_eq!(value_after(&args, "-qmp"), ["unix:/st,,x/run/qmp.sock,server=on,wait=off"]);
+        assert_eq!(value_after(&args, "-netdev"), ["stream,id=net0,server=off,addr.type=fd,addr.str=7"]);
+        assert!(!args.iter().any(|a| a.starts_with("user,")), "QEMU's user network maps its gateway to the host's loopback");
+    }
+
+    #[test]
     fn kvm_uses_the_host_cpu() {
-        let args = qemu_args(&spec(), Arch::X86_64, Accel::Kvm, &Sockets::in_dir(Path::new("/r"), 2));
+        let args = qemu_args(&spec(), Arch::X86_64, Accel::Kvm, &Sockets::in_dir(Path::new("/r"), 2), 7);
         assert_eq!(value_after(&args, "-accel"), ["kvm"]);
         assert_eq!(value_after(&args, "-cpu"), ["host"]);
-        let arm = qemu_args(&spec(), Arch::Aarch64, Accel::Tcg, &Sockets::in_dir(Path::new("/r"), 2));
+        let arm = qemu_args(&spec(), Arch::Aarch64, Accel::Tcg, &Sockets::in_dir(Path::new("/r"), 2), 7);
         assert_eq!(value_after(&arm, "-machine"), ["virt"]);
     }
 
@@ -164,7 +184,7 @@ mod tests {
     fn no_share_means_no_fs_device() {
         let mut s = spec();
         s.shares.truncate(1);
-        let args = qemu_args(&s, Arch::X86_64, Accel::Tcg, &Sockets::in_dir(Path::new("/r"), 1));
+        let args = qemu_args(&s, Arch::X86_64, Accel::Tcg, &Sockets::in_dir(Path::new("/r"), 1), 7);
         assert!(!args.iter().any(|a| a.contains("tag=nix-store")));
     }
 }

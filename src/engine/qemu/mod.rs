@@ -9,6 +9,7 @@ mod qmp;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -30,9 +31,12 @@ pub struct QemuEngine {
     arch: Arch,
     qemu: PathBuf,
     virtiofsd: PathBuf,
-    /// The Rust virtiofsd (`--shared-dir`, `--readonly`) or QEMU's older C one (`-o source=`).
+    /// The Rust virtiofsd (`--shared-dir`, `--readonly`) or QEMU's older C one (`-o source=`), which has no
+    /// read-only mode and so is refused for read-only shares.
     virtiofsd_is_rust: bool,
     vhost_vsock: PathBuf,
+    /// The guest's network (user-mode, without a path to the host's loopback).
+    passt: PathBuf,
 }
 
 fn find_program(env: &str, names: &[&str], extra_dirs: &[&str]) -> Option<PathBuf> {
@@ -40,10 +44,11 @@ fn find_program(env: &str, names: &[&str], extra_dirs: &[&str]) -> Option<PathBu
         return Some(PathBuf::from(path));
     }
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    dirs.extend(extra_dirs.iter().map(PathBuf::from));
+    // `cargo install` before the distribution's directories: Debian 12's /usr/lib/qemu/virtiofsd is the C one.
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
+    dirs.extend(extra_dirs.iter().map(PathBuf::from));
     dirs.iter().flat_map(|d| names.iter().map(move |n| d.join(n))).find(|p| p.is_file())
 }
 
@@ -53,11 +58,52 @@ pub fn locate_qemu() -> Option<PathBuf> {
 }
 
 pub fn locate_virtiofsd() -> Option<PathBuf> {
-    find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/lib/qemu", "/usr/libexec", "/usr/lib"])
+    find_program("DVN_VIRTIOFSD", &["virtiofsd"], &["/usr/libexec", "/usr/lib", "/usr/lib/qemu"])
 }
+
+/// Whether this virtiofsd can make a share read-only itself (the Rust one's `--readonly`). QEMU's C virtiofsd
+/// cannot: a share it serves is writable by guest root whatever the guest's mount options say.
+pub fn virtiofsd_enforces_read_only(virtiofsd: &Path) -> Result<bool, EngineError> {
+    let help = Command::new(virtiofsd)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| EngineError::io(format!("running {} --help", virtiofsd.display()), e))?;
+    let says = |s: &[u8]| String::from_utf8_lossy(s).contains("--readonly");
+    Ok(says(&help.stdout) || says(&help.stderr))
+}
+
+/// How to get a virtiofsd that enforces read-only shares.
+pub const VIRTIOFSD_HINT: &str = "install the Rust virtiofsd (`cargo install virtiofsd --version 1.14.0 --locked`, which needs \
+     libcap-ng-dev and libseccomp-dev; Debian 13: apt-get install virtiofsd) or point DVN_VIRTIOFSD at one";
 
 pub fn locate_vhost_vsock() -> Option<PathBuf> {
     find_program("DVN_VHOST_VSOCK", &["vhost-device-vsock"], &[])
+}
+
+pub fn locate_passt() -> Option<PathBuf> {
+    find_program("DVN_PASST", &["passt"], &["/usr/bin"])
+}
+
+/// The guest's network as passt gives it (the addresses QEMU's user network used): the gateway is not mapped
+/// to the host (`--no-map-gw`), so nothing reaches the host's loopback; DNS sent to 10.0.2.3 is forwarded to
+/// the host's resolver (the one exception, port 53 only); no port of the host is forwarded into the guest.
+pub fn passt_args(fd: std::os::fd::RawFd) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["--foreground", "--quiet", "--stderr", "--ipv4-only", "--no-map-gw"].iter().map(|s| s.to_string()).collect();
+    for (flag, value) in [
+        ("--address", "10.0.2.15"),
+        ("--netmask", "24"),
+        ("--gateway", "10.0.2.2"),
+        ("--dns", "10.0.2.3"),
+        ("--dns-forward", "10.0.2.3"),
+        ("--tcp-ports", "none"),
+        ("--udp-ports", "none"),
+    ] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args.extend(["--fd".to_string(), fd.to_string()]);
+    args
 }
 
 impl QemuEngine {
@@ -81,13 +127,29 @@ impl QemuEngine {
                 "install it with `cargo install vhost-device-vsock --version 0.3.0 --locked` or set DVN_VHOST_VSOCK",
             )
         })?;
-        let help = Command::new(&virtiofsd)
-            .arg("--help")
-            .output()
-            .map_err(|e| EngineError::io(format!("running {} --help", virtiofsd.display()), e))?;
-        let virtiofsd_is_rust = String::from_utf8_lossy(&help.stdout).contains("--shared-dir")
-            || String::from_utf8_lossy(&help.stderr).contains("--shared-dir");
-        Ok(QemuEngine { arch, qemu, virtiofsd, virtiofsd_is_rust, vhost_vsock })
+        let passt = locate_passt().ok_or_else(|| {
+            missing(
+                "passt",
+                "install it (Debian: apt-get install passt) or set DVN_PASST; it gives the guest a network without the host's loopback",
+            )
+        })?;
+        let virtiofsd_is_rust = virtiofsd_enforces_read_only(&virtiofsd)?;
+        Ok(QemuEngine { arch, qemu, virtiofsd, virtiofsd_is_rust, vhost_vsock, passt })
+    }
+
+    /// Refuses a spec this engine cannot run as asked: a read-only share needs a virtiofsd that enforces it,
+    /// never only the guest's mount option.
+    fn check_spec(&self, spec: &VmSpec) -> Result<(), EngineError> {
+        if let Some(share) = spec.shares.iter().find(|s| s.read_only)
+            && !self.virtiofsd_is_rust
+        {
+            return Err(EngineError::ReadOnlyNotEnforced {
+                virtiofsd: self.virtiofsd.clone(),
+                tag: share.tag.clone(),
+                hint: VIRTIOFSD_HINT.into(),
+            });
+        }
+        Ok(())
     }
 
     /// KVM if it really runs a vCPU here, else TCG. DVN_QEMU_ACCEL=kvm|tcg overrides. Never hangs: the probe
@@ -115,7 +177,9 @@ impl QemuEngine {
 
     fn probe_kvm(&self) -> Result<(), String> {
         let machine = if self.arch == Arch::X86_64 { "q35" } else { "virt" };
-        let mut child = Command::new(&self.qemu)
+        let mut probe = Command::new(&self.qemu);
+        die_with_parent(&mut probe);
+        let mut child = probe
             .args([
                 "-accel",
                 "kvm",
@@ -181,9 +245,15 @@ impl QemuEngine {
                 cmd.arg("--readonly");
             }
         } else {
-            // QEMU's C virtiofsd has no read-only switch: the guest mounts such shares read-only.
+            // QEMU's C virtiofsd has no read-only switch: check_spec lets it serve writable shares only.
             cmd.arg(format!("--socket-path={}", socket.display()))
-                .args(["-o", &format!("source={}", source.display()), "-o", "cache=auto"])
+                // fuse's option parser splits at commas: escape them (and backslashes) in the path.
+                .args([
+                    "-o",
+                    &format!("source={}", source.display().to_string().replace('\\', "\\\\").replace(',', "\\,")),
+                    "-o",
+                    "cache=auto",
+                ])
                 .args(["-o", &format!("sandbox={}", if root { "namespace" } else { "chroot" })]);
         }
         cmd
@@ -194,6 +264,12 @@ impl QemuEngine {
 fn supervised(mut cmd: Command, log: &File) -> Result<Command, EngineError> {
     let log = log.try_clone().map_err(|e| EngineError::io("helper log", e))?;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log)).process_group(0);
+    die_with_parent(&mut cmd);
+    Ok(cmd)
+}
+
+/// SIGKILL for the child when this process dies (Linux), so no helper or probe outlives a killed supervisor.
+fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     #[cfg(target_os = "linux")]
     unsafe {
@@ -204,7 +280,46 @@ fn supervised(mut cmd: Command, log: &File) -> Result<Command, EngineError> {
             Ok(())
         });
     }
-    Ok(cmd)
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
+/// Copies QEMU's stdout (the guest console) until it ends. It keeps draining even when the console file cannot
+/// take more (disk full): a full pipe would block the guest's console. What cannot be written is dropped, and
+/// that is said once.
+fn copy_console(stdout: &mut impl Read, console: &mut dyn Write) {
+    let mut buf = [0u8; 8192];
+    let mut failing = false;
+    while let Ok(n) = stdout.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        match console.write_all(&buf[..n]).and_then(|_| console.flush()) {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("the guest console is written again");
+            }
+            Ok(()) => {}
+            Err(err) if !failing => {
+                failing = true;
+                tracing::warn!("cannot write the guest console ({err}); dropping its output until it works again");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Lets the child inherit `fd` (under the same number): it is close-on-exec for every other child.
+fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl is async-signal-safe; it only clears FD_CLOEXEC on a descriptor this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 fn wait_for_socket(path: &Path, helper: &mut Child, name: &str) -> Result<(), EngineError> {
@@ -222,7 +337,12 @@ fn wait_for_socket(path: &Path, helper: &mut Child, name: &str) -> Result<(), En
 }
 
 impl Engine for QemuEngine {
+    fn check(&self, spec: &VmSpec) -> Result<(), EngineError> {
+        self.check_spec(spec)
+    }
+
     fn boot(&self, spec: &VmSpec, mut console: Box<dyn Write + Send>) -> Result<Box<dyn Machine>, EngineError> {
+        self.check_spec(spec)?;
         if spec.rosetta == RosettaMode::Required {
             return Err(EngineError::InvalidSpec("Rosetta exists only with the vz engine on Apple silicon; drop --rosetta".into()));
         }
@@ -273,22 +393,29 @@ impl Engine for QemuEngine {
         machine.adopt(child, "vhost-device-vsock");
         ready?;
 
+        // The guest's network: a socket pair, one end for passt, one for QEMU. passt drops to `nobody`, which
+        // clears its parent-death signal, but it quits when QEMU's end closes (QEMU dies with us).
+        // std makes both ends close-on-exec.
+        let (net_qemu, net_passt) = UnixStream::pair().map_err(|e| EngineError::io("creating the network socket pair", e))?;
+        let mut passt = supervised(Command::new(&self.passt), &log)?;
+        passt.args(passt_args(net_passt.as_raw_fd()));
+        inherit_fd(&mut passt, net_passt.as_raw_fd());
+        let child = passt.spawn().map_err(|e| EngineError::io("starting passt", e))?;
+        drop(net_passt);
+        machine.adopt(child, "passt");
+
         let mut qemu = supervised(Command::new(&self.qemu), &log)?;
-        qemu.args(qemu_args(spec, self.arch, accel, &sockets)).stdout(Stdio::piped());
+        qemu.args(qemu_args(spec, self.arch, accel, &sockets, net_qemu.as_raw_fd())).stdout(Stdio::piped());
+        inherit_fd(&mut qemu, net_qemu.as_raw_fd());
         tracing::debug!("qemu: {:?}", qemu);
         let mut child = qemu.spawn().map_err(|e| EngineError::io(format!("starting {}", self.qemu.display()), e))?;
+        drop(net_qemu);
         let mut stdout = child.stdout.take().expect("piped stdout");
         machine.adopt(child, "qemu");
         thread::Builder::new()
             .name("console".into())
             .spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = stdout.read(&mut buf) {
-                    if n == 0 || console.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    let _ = console.flush();
-                }
+                copy_console(&mut stdout, &mut console);
             })
             .map_err(|e| EngineError::io("console thread", e))?;
         // QEMU is up when its QMP socket answers; a bad option makes it exit first.
@@ -447,5 +574,75 @@ impl Machine for QemuMachine {
 impl Drop for QemuMachine {
     fn drop(&mut self) {
         Self::kill_all(self.children.get_mut().expect("not poisoned"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DiskSpec, NetworkSpec, ShareSpec};
+
+    fn fake_program(dir: &Path, name: &str, help: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        fs::write(&path, format!("#!/bin/sh\ncat <<'END'\n{help}\nEND\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_console_is_drained_when_it_cannot_be_written() {
+        struct Full(usize);
+        impl Write for Full {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += 1;
+                if self.0 > 1 { Err(std::io::Error::other("No space left on device")) } else { Ok(buf.len()) }
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut guest = std::io::Cursor::new(vec![b'x'; 100_000]);
+        copy_console(&mut guest, &mut Full(0));
+        assert_eq!(guest.position(), 100_000, "QEMU's output was drained to the end");
+    }
+
+    #[test]
+    fn a_read_only_share_is_refused_with_a_virtiofsd_that_cannot_enforce_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_program(dir.path(), "c-virtiofsd", "usage: virtiofsd [options]\n-o source=PATH");
+        let rust = fake_program(dir.path(), "virtiofsd", "--shared-dir <SHARED_DIR>\n--readonly");
+        assert!(!virtiofsd_enforces_read_only(&c).unwrap());
+        assert!(virtiofsd_enforces_read_only(&rust).unwrap());
+        let engine = |virtiofsd: PathBuf| QemuEngine {
+            arch: Arch::host(),
+            qemu: "/bin/false".into(),
+            virtiofsd_is_rust: virtiofsd_enforces_read_only(&virtiofsd).unwrap(),
+            virtiofsd,
+            vhost_vsock: "/bin/false".into(),
+            passt: "/bin/false".into(),
+        };
+        let mut spec = VmSpec {
+            cpus: 1,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            kernel_cmdline: vec![],
+            disk: DiskSpec { path: "/d".into(), read_only: false },
+            shares: vec![ShareSpec { tag: "nix-store".into(), host_path: "/nix/store".into(), read_only: true }],
+            network: NetworkSpec { mac: "02:00:00:00:00:01".into() },
+            rosetta: RosettaMode::Off,
+            runtime_dir: dir.path().join("run"),
+            machine_id_file: dir.path().join("mid"),
+        };
+        let err = engine(c.clone()).check(&spec).unwrap_err();
+        assert!(matches!(&err, EngineError::ReadOnlyNotEnforced { tag, .. } if tag == "nix-store"), "{err}");
+        assert!(err.to_string().contains("cargo install virtiofsd"), "{err}");
+        let booted = engine(c.clone()).boot(&spec, Box::new(std::io::sink()));
+        assert!(matches!(booted, Err(EngineError::ReadOnlyNotEnforced { .. })), "boot refuses it too");
+        assert!(!spec.runtime_dir.exists(), "refused before anything was started");
+        engine(rust).check(&spec).unwrap();
+        spec.shares[0].read_only = false;
+        engine(c).check(&spec).unwrap();
     }
 }
