@@ -45,3 +45,10 @@ ensure_vm_tools() {
 ensure_rust_target() {
     rustup target list --installed | grep -qx "$1" || { log "rustup target add $1"; rustup target add "$1" >/dev/null; }
 }
+
+# The host's Nix for real remote builds through the builder guest: Debian's nix-bin (2.8 on bookworm), used as
+# root without a daemon. It talks ssh-ng to the guest's Nix 2.34. Installing it creates nothing under /nix yet:
+# Nix makes /nix/store on first use.
+ensure_host_nix() {
+    apt_install nix-bin
+}

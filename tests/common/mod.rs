@@ -39,6 +39,23 @@ pub fn guest() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The builder guest (systemd + Nix, testing/guest/builder): DVN_TEST_BUILDER_KERNEL/DVN_TEST_BUILDER_INITRD,
+/// else built once by testing/guest/builder/build.
+pub fn builder_guest() -> &'static (PathBuf, PathBuf) {
+    static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        if let (Ok(k), Ok(i)) = (std::env::var("DVN_TEST_BUILDER_KERNEL"), std::env::var("DVN_TEST_BUILDER_INITRD")) {
+            return (k.into(), i.into());
+        }
+        let out = repo_root().join("target/builder-guest");
+        let _build_lock = machine_lock("guest-build");
+        let status =
+            Command::new(repo_root().join("testing/guest/builder/build")).arg(&out).status().expect("running testing/guest/builder/build");
+        assert!(status.success(), "testing/guest/builder/build failed");
+        (out.join("kernel"), out.join("initrd"))
+    })
+}
+
 /// An exclusive lock shared by every test process on this machine.
 pub fn machine_lock(name: &str) -> File {
     let path = std::env::temp_dir().join(format!("dvn-test-{name}.lock"));
@@ -53,6 +70,8 @@ pub struct Instance {
     /// this machine has Nix.
     pub host_store: tempfile::TempDir,
     pub supervisor: Option<Child>,
+    /// Shared as the host store instead of `host_store` when set (remote build tests share the real /nix/store).
+    pub shared_store: Option<PathBuf>,
     _vm_lock: Option<File>,
 }
 
@@ -61,7 +80,7 @@ impl Instance {
     pub fn new() -> Self {
         let dir = tempfile::Builder::new().prefix("dvn").tempdir_in("/tmp").unwrap();
         let host_store = tempfile::Builder::new().prefix("dvn-store").tempdir_in("/tmp").unwrap();
-        Instance { dir, host_store, supervisor: None, _vm_lock: None }
+        Instance { dir, host_store, supervisor: None, shared_store: None, _vm_lock: None }
     }
 
     pub fn state(&self) -> &Path {
@@ -74,7 +93,7 @@ impl Instance {
             .arg(self.state())
             .args(args)
             .env("DVN_LOG", "info")
-            .env("DVN_HOST_NIX_STORE", self.host_store.path())
+            .env("DVN_HOST_NIX_STORE", self.shared_store.as_deref().unwrap_or(self.host_store.path()))
             .stdin(Stdio::null());
         cmd
     }
@@ -85,10 +104,14 @@ impl Instance {
 
     /// `start` with the test guest and small resources, in the background; output goes to `supervisor.log`.
     pub fn spawn_start(&mut self, extra: &[&str]) {
+        self.spawn_start_guest(guest(), extra);
+    }
+
+    /// `spawn_start` with another guest image (kernel, initrd).
+    pub fn spawn_start_guest(&mut self, (kernel, initrd): &(PathBuf, PathBuf), extra: &[&str]) {
         if self._vm_lock.is_none() {
             self._vm_lock = Some(machine_lock("vm"));
         }
-        let (kernel, initrd) = guest();
         let log = File::options().create(true).append(true).open(self.log_path()).unwrap();
         let mut args: Vec<String> =
             vec!["start".into(), "--kernel".into(), kernel.display().to_string(), "--initrd".into(), initrd.display().to_string()];

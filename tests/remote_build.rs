@@ -1,0 +1,189 @@
+//! Real Nix remote builds through the builder guest (testing/guest/builder: systemd, Nix 2.34), with the host's
+//! Nix as the client: `--max-jobs 0 --builders 'ssh-ng://builder@127.0.0.1 ...'` through our loopback port, the
+//! guest's host key pinned (HostKeyAlias + StrictHostKeyChecking), the real /nix/store shared as the lower layer.
+//!
+//! Needs a host Nix (`nix-build`; scripts/test installs Debian's nix-bin) and root (Nix without a daemon).
+//! Derivations are plain `builtins.derivation`s whose builder is the guest sandbox's /bin/sh (a static busybox):
+//! no nixpkgs.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{BOOT_TIMEOUT, Instance, builder_guest};
+
+/// The guest's max-jobs in these tests (`start --max-jobs`), which the builders line carries as the nix-darwin
+/// module does: each ssh-ng connection is its own nix-daemon worker in the guest, so the guest's own `max-jobs`
+/// does not bound builds arriving on several connections; the host's per-machine limit does.
+const MAX_JOBS: usize = 2;
+
+/// A fresh word per test run: the derivations are new, so nothing is already in the host store.
+fn nonce() -> String {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    format!("{}-{}", t.as_millis(), std::process::id())
+}
+
+fn builder_vm(extra: &[&str]) -> Instance {
+    let mut vm = Instance::new();
+    vm.shared_store = Some(PathBuf::from("/nix/store"));
+    let max_jobs = MAX_JOBS.to_string();
+    let mut args = vec!["--memory", "2048", "--disk-size", "4G", "--max-jobs", &max_jobs];
+    args.extend_from_slice(extra);
+    vm.spawn_start_guest(builder_guest(), &args);
+    vm
+}
+
+/// Writes the Nix expression to a temporary file and runs `nix-build` on it with the builder only.
+struct Client<'a> {
+    vm: &'a Instance,
+    dir: tempfile::TempDir,
+}
+
+impl<'a> Client<'a> {
+    fn new(vm: &'a Instance) -> Self {
+        Client { vm, dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn build(&self, expr: &str, extra: &[&str]) -> Output {
+        let file = self.dir.path().join("default.nix");
+        fs::write(&file, expr).unwrap();
+        let state = self.vm.state();
+        let port = self.vm.port();
+        let ssh_opts = format!(
+            "-p {port} -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} \
+             -o GlobalKnownHostsFile=/dev/null -o HostKeyAlias=darwin-vz-nix -o ConnectTimeout=180",
+            state.join("ssh/known_hosts").display()
+        );
+        let builders = format!("ssh-ng://builder@127.0.0.1 x86_64-linux {} {MAX_JOBS} 1", state.join("ssh/id_ed25519").display());
+        Command::new("nix-build")
+            .arg(&file)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders", &builders])
+            .args(extra)
+            .env("NIX_SSHOPTS", ssh_opts)
+            // Root without a daemon: no build users needed on the host (it builds nothing), no binary cache.
+            .env("NIX_CONFIG", "substituters =\nbuild-users-group =\n")
+            .env_remove("NIX_REMOTE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running nix-build (scripts/test installs the host's Nix: Debian's nix-bin)")
+    }
+
+    fn build_ok(&self, expr: &str) -> Vec<PathBuf> {
+        let out = self.build(expr, &[]);
+        assert!(
+            out.status.success(),
+            "nix-build failed ({}):\n{}\nsupervisor log:\n{}\nconsole:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.vm.log(),
+            self.vm.console_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from).collect()
+    }
+}
+
+/// A derivation built by the guest sandbox's /bin/sh; `script` writes $out.
+fn drv(name: &str, script: &str) -> String {
+    format!(
+        r#"(derivation {{ name = "{name}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" {script:?} ]; }})"#,
+        script = script
+    )
+}
+
+fn forget(paths: &[PathBuf]) {
+    // Keep the host store tidy; failures (a path still referenced) are harmless.
+    let _ = Command::new("nix-store").arg("--delete").args(paths).env("NIX_CONFIG", "build-users-group =\n").output();
+}
+
+/// Several [start, end] intervals (guest uptime): the most that overlap at once.
+fn max_overlap(intervals: &[(f64, f64)]) -> usize {
+    intervals.iter().map(|&(s, _)| intervals.iter().filter(|&&(s2, e2)| s2 <= s && s < e2).count()).max().unwrap_or(0)
+}
+
+fn assert_in_host_store(path: &Path) {
+    assert!(path.starts_with("/nix/store"), "{path:?}");
+    let verify = Command::new("nix-store").args(["--query", "--hash"]).arg(path).output().unwrap();
+    assert!(verify.status.success(), "{path:?} is not valid in the host store: {}", String::from_utf8_lossy(&verify.stderr));
+}
+
+#[test]
+fn remote_builds_one_several_a_chain_and_a_failure_through_the_builder_guest() {
+    let mut vm = builder_vm(&["--idle-timeout", "0"]);
+    let ready = vm.wait_state("running", BOOT_TIMEOUT);
+    eprintln!("builder guest ready in {:.1} s", ready["lastBootSeconds"].as_f64().unwrap_or(0.0));
+    let client = Client::new(&vm);
+    let n = nonce();
+
+    // One derivation: built in the guest's sandbox, its output copied back into the host store.
+    let started = Instant::now();
+    let one = client.build_ok(&drv(&format!("dvn-one-{n}"), "echo built-in-the-sandbox-of $(uname -n) > $out"));
+    eprintln!("one derivation: {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(one.len(), 1);
+    assert_in_host_store(&one[0]);
+    // The sandbox's host name is Nix's `localhost`: it really ran in the guest's build sandbox.
+    assert_eq!(fs::read_to_string(&one[0]).unwrap().trim(), "built-in-the-sandbox-of localhost");
+
+    // Several at once: 4 derivations of 6 s each, the machine's max-jobs (2) honoured, and more than one at a time.
+    let started = Instant::now();
+    let list: Vec<String> = (0..4)
+        .map(|i| drv(&format!("dvn-par-{n}-{i}"), "read s _ < /proc/uptime; sleep 6; read e _ < /proc/uptime; echo $s $e > $out"))
+        .collect();
+    let several = client.build_ok(&format!("[ {} ]", list.join(" ")));
+    eprintln!("4 derivations: {:.1} s", started.elapsed().as_secs_f64());
+    let intervals: Vec<(f64, f64)> = several
+        .iter()
+        .map(|p| {
+            let text = fs::read_to_string(p).unwrap();
+            let mut it = text.split_whitespace().map(|x| x.parse::<f64>().unwrap());
+            (it.next().unwrap(), it.next().unwrap())
+        })
+        .collect();
+    let overlap = max_overlap(&intervals);
+    eprintln!("build intervals (guest uptime): {intervals:?}; at most {overlap} at once");
+    assert!(overlap <= MAX_JOBS, "more than max-jobs ({MAX_JOBS}) builds at once: {intervals:?}");
+    assert!(overlap >= 2, "the builds never ran in parallel: {intervals:?}");
+
+    // A chain: b reads a's output, so a is built (or already there) before b, both in the guest.
+    let a = drv(&format!("dvn-chain-a-{n}"), "echo a > $out");
+    let b = format!(
+        r#"let a = {a}; in derivation {{ name = "dvn-chain-b-{n}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "read x < ${{a}}; echo $x-then-b > $out" ]; }}"#
+    );
+    let chain = client.build_ok(&b);
+    assert_eq!(fs::read_to_string(&chain[0]).unwrap().trim(), "a-then-b");
+
+    // A failing build: non-zero status, its log on the host, and the VM stays healthy.
+    let out = client.build(&drv(&format!("dvn-fail-{n}"), "echo dvn-this-build-fails-on-purpose >&2; exit 3"), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failing build succeeded: {stderr}");
+    assert!(stderr.contains("dvn-this-build-fails-on-purpose"), "the build log did not reach the host:\n{stderr}");
+    let status = vm.status();
+    assert_eq!(status["state"], "running", "{status}");
+    let after = client.build_ok(&drv(&format!("dvn-after-failure-{n}"), "echo still-fine > $out"));
+    assert_eq!(fs::read_to_string(&after[0]).unwrap().trim(), "still-fine");
+
+    let mut all = [one, several, chain, after].concat();
+    all.sort();
+    forget(&all);
+    assert_eq!(vm.stop(&[]), 0);
+    vm.assert_nothing_left();
+}
+
+#[test]
+fn on_demand_the_first_build_boots_the_builder_and_succeeds() {
+    let mut vm = builder_vm(&["--on-demand", "--idle-timeout", "0"]);
+    let waiting = vm.wait_state("waiting", Duration::from_secs(60));
+    assert_eq!(waiting["bootCount"], 0, "the VM is down when the build is asked for");
+    let client = Client::new(&vm);
+    let started = Instant::now();
+    // No retry: the first connection must wait for the boot and then build.
+    let built = client.build_ok(&drv(&format!("dvn-on-demand-{}", nonce()), "echo cold > $out"));
+    eprintln!("cold build (boot included): {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(fs::read_to_string(&built[0]).unwrap().trim(), "cold");
+    assert_eq!(vm.status()["bootCount"], 1);
+    forget(&built);
+    assert_eq!(vm.stop(&[]), 0);
+    vm.assert_nothing_left();
+}
