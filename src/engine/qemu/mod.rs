@@ -25,6 +25,9 @@ use crate::spec::{RosettaMode, VmSpec};
 
 /// How long a helper may take to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// vhost-device-vsock 0.3.0 occasionally stops answering while a guest boots (about one boot in fifty here):
+/// it takes connections and answers none, and such a VM never recovers. After this long it is given up.
+const VSOCK_STUCK_AFTER: Duration = Duration::from_secs(15);
 
 pub struct QemuEngine {
     arch: Arch,
@@ -250,6 +253,7 @@ impl Engine for QemuEngine {
             qmp_path: sockets.qmp.clone(),
             forced: Mutex::new(false),
             vsock_started: std::sync::atomic::AtomicBool::new(false),
+            unanswered_since: Mutex::new(None),
         };
         let spawn = |cmd: Command, name: &str| -> Result<Child, EngineError> {
             supervised(cmd, &log)?.spawn().map_err(|e| EngineError::io(format!("starting {name}"), e))
@@ -324,6 +328,8 @@ struct QemuMachine {
     /// vhost-device-vsock 0.3.0's vring worker (a host event before the vrings exist), after which the
     /// device never answers again.
     vsock_started: std::sync::atomic::AtomicBool,
+    /// Since when connections have been taken but not answered, and by what (None once anything answers).
+    unanswered_since: Mutex<Option<(Instant, &'static str)>>,
 }
 
 impl QemuMachine {
@@ -356,23 +362,8 @@ impl QemuMachine {
         Ok(started)
     }
 
-    fn qmp(&self, command: &str) -> Result<(), EngineError> {
-        let mut qmp = qmp::Qmp::connect(&self.qmp_path).map_err(|_| EngineError::NotRunning)?;
-        qmp.execute(command).map(|_| ()).map_err(|e| EngineError::io(format!("QMP {command}"), e))
-    }
-
-    fn kill_all(children: &mut [(String, Child)]) {
-        for (_, child) in children.iter_mut() {
-            let _ = child.kill();
-        }
-        for (_, child) in children.iter_mut() {
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Machine for QemuMachine {
-    fn connect(&self, port: u32) -> Result<UnixStream, EngineError> {
+    /// One connection through vhost-device-vsock's unix socket (`CONNECT <port>` handshake).
+    fn connect_once(&self, port: u32) -> Result<UnixStream, EngineError> {
         let fail = |reason: String| EngineError::Connect { port, reason };
         if !self.guest_started_vsock(port)? {
             return Err(fail("the guest has not started its vsock device yet".into()));
@@ -400,6 +391,41 @@ impl Machine for QemuMachine {
         }
         stream.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
         Ok(stream)
+    }
+
+    fn qmp(&self, command: &str) -> Result<(), EngineError> {
+        let mut qmp = qmp::Qmp::connect(&self.qmp_path).map_err(|_| EngineError::NotRunning)?;
+        qmp.execute(command).map(|_| ()).map_err(|e| EngineError::io(format!("QMP {command}"), e))
+    }
+
+    fn kill_all(children: &mut [(String, Child)]) {
+        for (_, child) in children.iter_mut() {
+            let _ = child.kill();
+        }
+        for (_, child) in children.iter_mut() {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Machine for QemuMachine {
+    fn connect(&self, port: u32) -> Result<UnixStream, EngineError> {
+        let result = self.connect_once(port);
+        let mut since = self.unanswered_since.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Err(EngineError::Unresponsive { what, .. }) => {
+                since.get_or_insert((Instant::now(), what));
+            }
+            _ => *since = None,
+        }
+        result
+    }
+
+    fn unrecoverable(&self) -> Option<String> {
+        let since = *self.unanswered_since.lock().unwrap_or_else(|e| e.into_inner());
+        since
+            .filter(|(at, _)| at.elapsed() >= VSOCK_STUCK_AFTER)
+            .map(|(at, what)| format!("{what} has not answered for {} s", at.elapsed().as_secs()))
     }
 
     fn request_stop(&self) -> Result<(), EngineError> {
