@@ -210,7 +210,8 @@ impl Supervisor {
         options: Options,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let port = listener.local_addr()?.port();
+        let addr = listener.local_addr()?;
+        let port = addr.port();
         let now = Instant::now();
         let shared = Arc::new(Shared {
             view: Mutex::new(View {
@@ -234,7 +235,7 @@ impl Supervisor {
             events: tx,
             bytes: Counters::default(),
         });
-        let core = Core::new(layout.clone(), config.clone(), spec, engine, options.clone(), port, shared.clone(), rx);
+        let core = Core::new(layout.clone(), config.clone(), spec, engine, options.clone(), addr, shared.clone(), rx);
         Ok(Supervisor { core, listener, shared, options, layout, config, port })
     }
 

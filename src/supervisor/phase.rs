@@ -25,6 +25,7 @@
 //! While stopping, `then` says what follows, and later events change it rather than being lost: a `stop` or a
 //! signal during an idle stop makes it Exit (a second one forces the VM off), a connection makes it Boot.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -187,7 +188,8 @@ pub(crate) struct Core {
     spec: VmSpec,
     engine: Box<dyn Engine>,
     options: Options,
-    port: u16,
+    /// The proxy's listening address, for messages.
+    addr: SocketAddr,
     idle_timeout: Duration,
     shared: Arc<Shared>,
     events: Receiver<Event>,
@@ -205,7 +207,7 @@ impl Core {
         spec: VmSpec,
         engine: Box<dyn Engine>,
         options: Options,
-        port: u16,
+        addr: SocketAddr,
         shared: Arc<Shared>,
         events: Receiver<Event>,
     ) -> Self {
@@ -216,7 +218,7 @@ impl Core {
             spec,
             engine,
             options,
-            port,
+            addr,
             idle_timeout,
             shared,
             events,
@@ -228,7 +230,7 @@ impl Core {
 
     pub fn run(mut self) -> Result<(), SupervisorError> {
         if self.config.on_demand {
-            tracing::info!("listening on 127.0.0.1:{}; the VM boots at the first connection", self.port);
+            tracing::info!("listening on {}; the VM boots at the first connection", self.addr);
         } else {
             let next = self.boot(1, Instant::now(), Progress::start("booting the VM"));
             self.enter(Label::Waiting, next);
@@ -431,7 +433,7 @@ impl Core {
             Phase::Running(_) => {
                 self.vm_gone(&reason);
                 if self.config.on_demand {
-                    tracing::info!("listening on 127.0.0.1:{}; the VM boots at the next connection", self.port);
+                    tracing::info!("listening on {}; the VM boots at the next connection", self.addr);
                     Phase::Waiting
                 } else {
                     match reason {
@@ -451,7 +453,7 @@ impl Core {
     fn after_stop(&mut self, then: Then) -> Phase {
         match then {
             Then::Wait if self.config.on_demand => {
-                tracing::info!("listening on 127.0.0.1:{}; the VM boots at the next connection", self.port);
+                tracing::info!("listening on {}; the VM boots at the next connection", self.addr);
                 Phase::Waiting
             }
             Then::Wait | Then::Exit => Phase::Exiting(Ok(())),
@@ -497,7 +499,7 @@ impl Core {
             view.machine = Some(b.vm.machine.clone());
         }
         self.failures = 0;
-        b.progress.finish(&format!("ready in {seconds:.1} s: ssh on 127.0.0.1:{}", self.port));
+        b.progress.finish(&format!("ready in {seconds:.1} s: ssh on {}", self.addr));
         let monitor = monitor::spawn_monitor(b.vm.machine.clone(), b.vm.generation, self.shared.clone(), self.options.status_interval);
         match monitor {
             Ok(cancel) => Phase::Running(Running { vm: b.vm, agent_silent_since: None, silence_reported: false, _monitor: cancel }),

@@ -350,7 +350,7 @@ impl QemuMachine {
             .and_then(|mut q| q.execute_with("x-query-virtio-status", serde_json::json!({ "path": path })));
         let started = match query {
             Ok(status) => status.get("started").and_then(|s| s.as_bool()).unwrap_or(true),
-            Err(e) if e.to_string().contains("CommandNotFound") => true,
+            Err(e) if qmp::QmpError::of(&e).is_some_and(|q| q.class == "CommandNotFound") => true,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return Err(EngineError::Unresponsive { port, what: "QEMU's monitor (QMP)" });
             }
