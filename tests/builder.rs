@@ -139,6 +139,9 @@ fn status_follows_the_lifecycle() {
     thread::sleep(Duration::from_millis(1500));
     let idle = vm.status();
     assert_eq!(idle["connections"], 0);
+    // The proxy counts what it relayed (the ssh session above, both ways).
+    assert!(idle["bytesToGuest"].as_u64().unwrap() > 1000, "{idle}");
+    assert!(idle["bytesFromGuest"].as_u64().unwrap() > 1000, "{idle}");
     assert!(idle["idleSeconds"].as_f64().unwrap() >= 0.5, "{idle}");
     assert_eq!(fs::read_to_string(vm.state().join("guest-ip")).unwrap().trim(), "10.0.2.15");
     let human = String::from_utf8_lossy(&vm.run(&["status"]).stdout).into_owned();
