@@ -191,6 +191,37 @@ fn a_listener_inherited_from_systemd_boots_on_the_first_connection() {
 }
 
 #[test]
+fn a_listener_inherited_on_every_interface_is_refused() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let vm = Instance::new();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let fd = listener.as_raw_fd();
+    let (kernel, initrd) = common::guest();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"", "sh"])
+        .arg(common::bin())
+        .arg("--state-dir")
+        .arg(vm.state())
+        .args(["start", "--on-demand", "--cores", "2", "--memory", "1024", "--disk-size", "2G", "--no-share-nix-store"])
+        .args(["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+    // SAFETY: dup2 in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("0.0.0.0") && stderr.contains("not on the loopback interface"), "{stderr}");
+    vm.assert_nothing_left();
+}
+
+#[test]
 fn a_failed_on_demand_boot_is_reported_and_the_next_connection_tries_again() {
     let mut vm = Instance::new();
     let bogus = vm.state().join("not-a-kernel");

@@ -168,7 +168,13 @@ fn relay(shared: &Shared, client: TcpStream, machine: &dyn Machine) {
     let _ = client.set_nodelay(true);
     match connect_ssh(machine) {
         Ok(guest) => {
-            let _ = crate::relay::relay_counted(Box::new(client), Box::new(guest), shared.bytes.clone());
+            // Per connection in the log (debug), the running totals in `status`.
+            match crate::relay::relay_counted(Box::new(client), Box::new(guest), shared.bytes.clone()) {
+                Ok((to_guest, from_guest)) => {
+                    tracing::debug!("proxy: connection closed; {to_guest} bytes to the guest, {from_guest} from it")
+                }
+                Err(err) => tracing::warn!("proxy: {err}"),
+            }
         }
         Err(err) => tracing::warn!("proxy: {}", error_chain(&err)),
     }
