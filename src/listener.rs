@@ -15,6 +15,12 @@ pub enum ListenError {
     Bind { port: u16, source: io::Error },
     #[error("the socket handed over by {manager} is not usable: {source}")]
     Inherited { manager: &'static str, source: io::Error },
+    /// The proxy gives whoever connects the guest's sshd: only this machine may reach it.
+    #[error(
+        "the socket handed over by {manager} listens on {addr}, not on the loopback interface; \
+         configure it to listen on 127.0.0.1 only (e.g. ListenStream=127.0.0.1:PORT)"
+    )]
+    NotLoopback { manager: &'static str, addr: SocketAddr },
 }
 
 /// Where the listener came from, for the log.
@@ -68,7 +74,17 @@ fn from_systemd() -> Result<Option<TcpListener>, ListenError> {
     // SAFETY: fd 3 is an open listening socket that nothing else in this process owns.
     let listener = unsafe { TcpListener::from_raw_fd(3) };
     set_cloexec(&listener).map_err(|source| ListenError::Inherited { manager: "systemd", source })?;
-    Ok(Some(listener))
+    loopback_only(listener, "systemd").map(Some)
+}
+
+/// Refuses an inherited socket that listens beyond this machine, and logs the address it really has.
+fn loopback_only(listener: TcpListener, manager: &'static str) -> Result<TcpListener, ListenError> {
+    let addr = listener.local_addr().map_err(|source| ListenError::Inherited { manager, source })?;
+    if !addr.ip().is_loopback() {
+        return Err(ListenError::NotLoopback { manager, addr });
+    }
+    tracing::info!("using the socket handed over by {manager}: {addr}");
+    Ok(listener)
 }
 
 fn set_cloexec(listener: &TcpListener) -> io::Result<()> {
@@ -104,7 +120,7 @@ fn from_launchd() -> Result<Option<TcpListener>, ListenError> {
         TcpListener::from_raw_fd(first)
     };
     set_cloexec(&listener).map_err(|source| ListenError::Inherited { manager: "launchd", source })?;
-    Ok(Some(listener))
+    loopback_only(listener, "launchd").map(Some)
 }
 
 #[cfg(not(target_os = "macos"))]
@@ -126,5 +142,20 @@ mod tests {
         let err = open(port).unwrap_err();
         assert!(matches!(err, ListenError::InUse { port: p } if p == port));
         assert!(err.to_string().contains("--port"));
+    }
+
+    #[test]
+    fn an_inherited_socket_on_every_interface_is_refused() {
+        let any = TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = any.local_addr().unwrap().port();
+        let err = loopback_only(any, "systemd").unwrap_err();
+        assert!(matches!(err, ListenError::NotLoopback { addr, .. } if addr.port() == port), "{err:?}");
+        assert!(err.to_string().contains("0.0.0.0") && err.to_string().contains("127.0.0.1"), "{err}");
+        let local = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(loopback_only(local, "systemd").is_ok());
+        let v6 = TcpListener::bind("[::1]:0");
+        if let Ok(v6) = v6 {
+            assert!(loopback_only(v6, "launchd").is_ok(), "::1 is loopback too");
+        }
     }
 }

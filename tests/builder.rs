@@ -139,6 +139,9 @@ fn status_follows_the_lifecycle() {
     thread::sleep(Duration::from_millis(1500));
     let idle = vm.status();
     assert_eq!(idle["connections"], 0);
+    // The proxy counts what it relayed (the ssh session above, both ways).
+    assert!(idle["bytesToGuest"].as_u64().unwrap() > 1000, "{idle}");
+    assert!(idle["bytesFromGuest"].as_u64().unwrap() > 1000, "{idle}");
     assert!(idle["idleSeconds"].as_f64().unwrap() >= 0.5, "{idle}");
     assert_eq!(fs::read_to_string(vm.state().join("guest-ip")).unwrap().trim(), "10.0.2.15");
     let human = String::from_utf8_lossy(&vm.run(&["status"]).stdout).into_owned();
@@ -185,6 +188,37 @@ fn a_listener_inherited_from_systemd_boots_on_the_first_connection() {
     assert!(vm.log().contains("(Systemd)"), "{}", vm.log());
     assert_eq!(vm.ssh_ok("echo activated").trim(), "activated");
     assert_eq!(vm.stop(&[]), 0);
+}
+
+#[test]
+fn a_listener_inherited_on_every_interface_is_refused() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let vm = Instance::new();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let fd = listener.as_raw_fd();
+    let (kernel, initrd) = common::guest();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"", "sh"])
+        .arg(common::bin())
+        .arg("--state-dir")
+        .arg(vm.state())
+        .args(["start", "--on-demand", "--cores", "2", "--memory", "1024", "--disk-size", "2G", "--no-share-nix-store"])
+        .args(["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+    // SAFETY: dup2 in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("0.0.0.0") && stderr.contains("not on the loopback interface"), "{stderr}");
+    vm.assert_nothing_left();
 }
 
 #[test]

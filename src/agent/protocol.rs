@@ -99,6 +99,11 @@ pub enum ProtocolError {
     Version(u32),
     #[error("agent refused the request: {0}")]
     Refused(String),
+    #[error(
+        "the running supervisor speaks control protocol {theirs}, this darwin-vz-nix speaks {ours} (the program was \
+         replaced while the supervisor ran): stop it and start it again"
+    )]
+    ControlVersion { theirs: u32, ours: u32 },
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -131,6 +136,19 @@ pub fn read_line(reader: &mut impl BufRead) -> Result<String, ProtocolError> {
         return Err(ProtocolError::LineTooLong);
     }
     Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Longest text from the other side that is kept (error messages, host names); the rest is cut.
+pub const MAX_TEXT_CHARS: usize = 200;
+
+/// Text from an untrusted peer, made safe to log and show: control characters (terminal escapes, newlines
+/// that would forge log lines) become spaces, and it is cut to `max` characters.
+pub fn clean_text(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().take(max).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 pub fn write_message(writer: &mut impl Write, message: &impl Serialize) -> Result<(), ProtocolError> {
@@ -174,7 +192,7 @@ pub fn decode_response<T: for<'de> Deserialize<'de>>(line: &str) -> Result<T, Pr
     }
     if value.get("ok").and_then(|ok| ok.as_bool()) != Some(true) {
         let error = value.get("error").and_then(|e| e.as_str()).unwrap_or("no reason given");
-        return Err(ProtocolError::Refused(error.to_string()));
+        return Err(ProtocolError::Refused(clean_text(error, MAX_TEXT_CHARS)));
     }
     Ok(serde_json::from_value(value)?)
 }
@@ -223,6 +241,16 @@ mod tests {
             Err(ProtocolError::Refused(msg)) => assert_eq!(msg, "no"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn refusals_from_the_peer_are_cleaned() {
+        let line = serde_json::to_string(&error_response("\u{1b}[31mboom\nlast error: forged")).unwrap();
+        match decode_response::<GuestStatus>(&line) {
+            Err(ProtocolError::Refused(msg)) => assert_eq!(msg, " [31mboom last error: forged"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(clean_text(&"x".repeat(300), 4), "xxxx…");
     }
 
     #[test]

@@ -106,6 +106,12 @@ pub trait Machine: Send + Sync {
     fn force_stop(&self) -> Result<(), EngineError>;
     /// Waits until the VM has stopped, at most `timeout` (None = forever). Ok(None) on timeout.
     fn wait(&self, timeout: Option<Duration>) -> Result<Option<StopReason>, EngineError>;
+    /// Set once the engine knows this VM can never answer again (a device on the way to the guest stopped
+    /// working): says what stopped answering and for how long. The supervisor then boots a new VM. Engines
+    /// without such a failure mode keep the default.
+    fn unrecoverable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Picks the engine implementation for `kind` on this platform.

@@ -26,6 +26,9 @@ use crate::spec::{RosettaMode, VmSpec};
 
 /// How long a helper may take to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// vhost-device-vsock 0.3.0 occasionally stops answering while a guest boots (about one boot in fifty here):
+/// it takes connections and answers none, and such a VM never recovers. After this long it is given up.
+const VSOCK_STUCK_AFTER: Duration = Duration::from_secs(15);
 
 pub struct QemuEngine {
     arch: Arch,
@@ -370,6 +373,7 @@ impl Engine for QemuEngine {
             qmp_path: sockets.qmp.clone(),
             forced: Mutex::new(false),
             vsock_started: std::sync::atomic::AtomicBool::new(false),
+            unanswered_since: Mutex::new(None),
         };
         let spawn = |cmd: Command, name: &str| -> Result<Child, EngineError> {
             supervised(cmd, &log)?.spawn().map_err(|e| EngineError::io(format!("starting {name}"), e))
@@ -451,6 +455,8 @@ struct QemuMachine {
     /// vhost-device-vsock 0.3.0's vring worker (a host event before the vrings exist), after which the
     /// device never answers again.
     vsock_started: std::sync::atomic::AtomicBool,
+    /// Since when connections have been taken but not answered, and by what (None once anything answers).
+    unanswered_since: Mutex<Option<(Instant, &'static str)>>,
 }
 
 impl QemuMachine {
@@ -471,7 +477,7 @@ impl QemuMachine {
             .and_then(|mut q| q.execute_with("x-query-virtio-status", serde_json::json!({ "path": path })));
         let started = match query {
             Ok(status) => status.get("started").and_then(|s| s.as_bool()).unwrap_or(true),
-            Err(e) if e.to_string().contains("CommandNotFound") => true,
+            Err(e) if qmp::QmpError::of(&e).is_some_and(|q| q.class == "CommandNotFound") => true,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return Err(EngineError::Unresponsive { port, what: "QEMU's monitor (QMP)" });
             }
@@ -483,23 +489,8 @@ impl QemuMachine {
         Ok(started)
     }
 
-    fn qmp(&self, command: &str) -> Result<(), EngineError> {
-        let mut qmp = qmp::Qmp::connect(&self.qmp_path).map_err(|_| EngineError::NotRunning)?;
-        qmp.execute(command).map(|_| ()).map_err(|e| EngineError::io(format!("QMP {command}"), e))
-    }
-
-    fn kill_all(children: &mut [(String, Child)]) {
-        for (_, child) in children.iter_mut() {
-            let _ = child.kill();
-        }
-        for (_, child) in children.iter_mut() {
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Machine for QemuMachine {
-    fn connect(&self, port: u32) -> Result<UnixStream, EngineError> {
+    /// One connection through vhost-device-vsock's unix socket (`CONNECT <port>` handshake).
+    fn connect_once(&self, port: u32) -> Result<UnixStream, EngineError> {
         let fail = |reason: String| EngineError::Connect { port, reason };
         if !self.guest_started_vsock(port)? {
             return Err(fail("the guest has not started its vsock device yet".into()));
@@ -527,6 +518,41 @@ impl Machine for QemuMachine {
         }
         stream.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
         Ok(stream)
+    }
+
+    fn qmp(&self, command: &str) -> Result<(), EngineError> {
+        let mut qmp = qmp::Qmp::connect(&self.qmp_path).map_err(|_| EngineError::NotRunning)?;
+        qmp.execute(command).map(|_| ()).map_err(|e| EngineError::io(format!("QMP {command}"), e))
+    }
+
+    fn kill_all(children: &mut [(String, Child)]) {
+        for (_, child) in children.iter_mut() {
+            let _ = child.kill();
+        }
+        for (_, child) in children.iter_mut() {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Machine for QemuMachine {
+    fn connect(&self, port: u32) -> Result<UnixStream, EngineError> {
+        let result = self.connect_once(port);
+        let mut since = self.unanswered_since.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Err(EngineError::Unresponsive { what, .. }) => {
+                since.get_or_insert((Instant::now(), what));
+            }
+            _ => *since = None,
+        }
+        result
+    }
+
+    fn unrecoverable(&self) -> Option<String> {
+        let since = *self.unanswered_since.lock().unwrap_or_else(|e| e.into_inner());
+        since
+            .filter(|(at, _)| at.elapsed() >= VSOCK_STUCK_AFTER)
+            .map(|(at, what)| format!("{what} has not answered for {} s", at.elapsed().as_secs()))
     }
 
     fn request_stop(&self) -> Result<(), EngineError> {

@@ -7,6 +7,22 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+/// An error QEMU answered with; `class` is QMP's error class (e.g. `CommandNotFound`).
+#[derive(Debug, thiserror::Error)]
+#[error("QMP {command}: {reply}")]
+pub struct QmpError {
+    pub command: String,
+    pub class: String,
+    reply: String,
+}
+
+impl QmpError {
+    /// The QMP error inside an I/O error from `execute`, if that is what it was.
+    pub fn of(error: &std::io::Error) -> Option<&QmpError> {
+        error.get_ref().and_then(|inner| inner.downcast_ref::<QmpError>())
+    }
+}
+
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -45,8 +61,42 @@ impl Qmp {
                 return Ok(result.clone());
             }
             if let Some(error) = value.get("error") {
-                return Err(std::io::Error::other(format!("QMP {command}: {error}")));
+                let class = error.get("class").and_then(Value::as_str).unwrap_or_default().to_string();
+                return Err(std::io::Error::other(QmpError { command: command.to_string(), class, reply: error.to_string() }));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn qmp_errors_keep_their_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = BufReader::new(stream);
+            writer.write_all(b"{\"QMP\":{}}\n").unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            writer.write_all(b"{\"return\":{}}\n").unwrap();
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            writer
+                .write_all(
+                    b"{\"error\":{\"class\":\"CommandNotFound\",\"desc\":\"The command x-query-virtio-status has not been found\"}}\n",
+                )
+                .unwrap();
+        });
+        let err = Qmp::connect(&path).unwrap().execute("x-query-virtio-status").unwrap_err();
+        assert_eq!(QmpError::of(&err).map(|q| q.class.as_str()), Some("CommandNotFound"));
+        assert!(QmpError::of(&std::io::Error::other("CommandNotFound")).is_none(), "text alone is not a QMP error");
+        server.join().unwrap();
     }
 }
