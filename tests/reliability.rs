@@ -19,9 +19,10 @@ struct Rng(u64);
 
 impl Rng {
     fn from_env() -> Self {
-        let seed = std::env::var("DVN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
-        });
+        let seed = std::env::var("DVN_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
         eprintln!("reliability: DVN_SEED={seed}");
         Rng(seed.max(1))
     }
@@ -315,7 +316,12 @@ fn connections_during_an_idle_stop_are_served_not_dropped() {
         thread::sleep(Duration::from_millis(1500) + rng.millis(2000));
         let state = vm.status()["state"].clone();
         let out = vm.ssh("echo served");
-        assert!(out.status.success(), "round {round} (state {state} when connecting): {}\n{}", String::from_utf8_lossy(&out.stderr), vm.log());
+        assert!(
+            out.status.success(),
+            "round {round} (state {state} when connecting): {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            vm.log()
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "served");
     }
     assert_eq!(vm.stop(&[]), 0);

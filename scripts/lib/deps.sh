@@ -22,11 +22,11 @@ apt_install() {
 }
 
 # QEMU, passt (the guest's network), the Rust virtiofsd, vhost-device-vsock, OpenSSH's client: what the qemu
-# engine runs.
+# engine runs; and e2fsck, with which the reliability tests check the guest's disk on the host.
 ensure_vm_tools() {
     case "$(uname -m)" in
-        x86_64) apt_install qemu-system-x86 qemu-system-common openssh-client passt ;;
-        aarch64) apt_install qemu-system-arm qemu-system-common openssh-client passt ;;
+        x86_64) apt_install qemu-system-x86 qemu-system-common openssh-client passt e2fsprogs ;;
+        aarch64) apt_install qemu-system-arm qemu-system-common openssh-client passt e2fsprogs ;;
         *) die "unsupported architecture $(uname -m)" ;;
     esac
     # The Rust virtiofsd: QEMU 7.2's C virtiofsd cannot make a share read-only, and the engine refuses to boot
