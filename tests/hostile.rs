@@ -172,6 +172,26 @@ fn a_hostile_guest_cannot_write_the_shares_plant_links_or_reach_host_loopback() 
     if let Some((ip, hits)) = &outside_hits {
         eprintln!("NOTE: the server on {ip} saw {} guest connection(s)", hits.load(Ordering::SeqCst));
     }
+    // The outside is routed: where this machine can resolve a name through a non-loopback resolver, the guest
+    // resolves it too, through that resolver named explicitly and through what DHCP gave it.
+    let resolver = fs::read_to_string("/etc/resolv.conf").ok().and_then(|text| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+            .find(|ip| !ip.is_loopback())
+    });
+    let name = "deb.debian.org";
+    let host_resolves = std::net::ToSocketAddrs::to_socket_addrs(&(name, 80)).is_ok_and(|mut a| a.next().is_some());
+    match resolver.filter(|_| host_resolves) {
+        Some(resolver) => {
+            let verdicts = probe(&vm, "builder", &format!("dns {name} {resolver} default"));
+            for server in [resolver.to_string(), "default".into()] {
+                let (done, detail) = &verdicts[&format!("dns-{server}")];
+                assert!(*done, "the guest cannot resolve {name} through {server}: {detail}");
+            }
+        }
+        None => eprintln!("NOTE: this machine resolves no names through a non-loopback resolver: outside routing not shown"),
+    }
 
     // 4. The agent's port: builder cannot bind it; root can (after killing the real agent).
     let builder = probe(&vm, "builder", "vsock-bind");
