@@ -28,6 +28,7 @@ pub fn is_bad_input(err: &anyhow::Error) -> bool {
     err.chain().any(|e| {
         e.downcast_ref::<BadInput>().is_some()
             || e.downcast_ref::<instance::InstanceError>().is_some_and(instance::InstanceError::is_bad_input)
+            || e.downcast_ref::<launch::StartError>().is_some_and(|e| e.exit_code() == 2)
     })
 }
 
@@ -81,7 +82,7 @@ fn absolute(path: &Path) -> std::path::PathBuf {
 
 fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs, init_logging: InitLogging) -> Result<ExitCode> {
     // Everything that can be wrong with the input is found before the first write (the log file included).
-    let (config, _) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?.map_err(|e| bad_input(e.to_string()))?;
+    let (config, _) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?;
     if let Some(path) = &args.log_file {
         init_logging(Some(path))?;
     }

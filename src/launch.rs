@@ -27,11 +27,31 @@ pub enum InputError {
     WouldDiscardDisk(PathBuf),
 }
 
+/// Why a `start` did not get going, with its exit code: bad input (2, nothing was written) or a state
+/// directory that could not be read (1, or 2 when it is not a state directory of ours).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Input(_) => 2,
+            StartError::Instance(e) if e.is_bad_input() => 2,
+            StartError::Instance(_) => 1,
+        }
+    }
+}
+
 /// The host store shared as `nix-store`.
 pub const HOST_NIX_STORE: &str = "/nix/store";
 
 /// Checks a start request without writing anything; returns the effective configuration and the disk plan.
-/// The outer error is a failure to read the state directory, the inner one bad input. `host_store` is the
+/// `host_store` is the
 /// host's Nix store ([`HOST_NIX_STORE`] unless a test points it elsewhere), passed in so that no test depends
 /// on what the machine happens to have.
 pub fn validate_start(
@@ -39,7 +59,7 @@ pub fn validate_start(
     engine: EngineKind,
     layout: &Layout,
     host_store: &Path,
-) -> Result<Result<(EffectiveConfig, DiskPlan), InputError>, InstanceError> {
+) -> Result<(EffectiveConfig, DiskPlan), StartError> {
     let check = || -> Result<(), InputError> {
         require_file("--kernel", &args.kernel)?;
         require_file("--initrd", &args.initrd)?;
@@ -62,25 +82,20 @@ pub fn validate_start(
         }
         Ok(())
     };
-    if let Err(e) = check() {
-        return Ok(Err(e));
-    }
-    let share_nix_store = match decide_store_share(args.share_nix_store_requested(), host_store) {
-        Ok(share) => share,
-        Err(e) => return Ok(Err(e)),
-    };
+    check()?;
+    let share_nix_store = decide_store_share(args.share_nix_store_requested(), host_store)?;
     if args.ephemeral && !args.discard_disk && layout.disk().exists() {
         // A disk left by an ephemeral start is scratch; any other holds the store and homes.
         let previous = EffectiveConfig::load(layout)?;
         if !previous.is_some_and(|c| c.ephemeral) {
-            return Ok(Err(InputError::WouldDiscardDisk(layout.disk())));
+            return Err(InputError::WouldDiscardDisk(layout.disk()).into());
         }
     }
     let plan = match disk::plan(layout, args.disk_size)? {
         Ok(plan) => plan,
         // An ephemeral start makes a new disk: the old one's size does not matter.
         Err(disk::DiskError::WouldShrink { .. }) if args.ephemeral => DiskPlan::Create(args.disk_size),
-        Err(e) => return Ok(Err(e.into())),
+        Err(e) => return Err(InputError::from(e).into()),
     };
     let absolute = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let config = EffectiveConfig {
@@ -100,7 +115,7 @@ pub fn validate_start(
         ephemeral: args.ephemeral,
         max_jobs: args.max_jobs.unwrap_or(args.cores),
     };
-    Ok(Ok((config, plan)))
+    Ok((config, plan))
 }
 
 /// Whether to share the host store: asked for explicitly, it must exist; by default, only when it does.
@@ -245,18 +260,16 @@ mod tests {
         fs::write(&i, "i").unwrap();
         let layout = Layout::new(dir.path().join("state"));
         let no_store = dir.path().join("no-store");
-        let (config, plan) = validate_start(&start_args(&[], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap();
+        let (config, plan) = validate_start(&start_args(&[], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap();
         assert_eq!(plan, DiskPlan::Create(crate::units::ByteSize(100 << 30)));
         assert_eq!(config.max_jobs, 4);
         assert!(!layout.exists(), "validation writes nothing");
         let missing = start_args(&[], &dir.path().join("nope"), &i);
-        let err = validate_start(&missing, EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err().to_string();
+        let err = validate_start(&missing, EngineKind::Qemu, &layout, &no_store).unwrap_err().to_string();
         assert!(err.starts_with("--kernel ") && err.contains("nope"), "{err}");
-        let err =
-            validate_start(&start_args(&["--rosetta"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err().to_string();
+        let err = validate_start(&start_args(&["--rosetta"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap_err().to_string();
         assert!(err.contains("--rosetta needs the vz engine"), "{err}");
-        let err =
-            validate_start(&start_args(&["--system", "/"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err().to_string();
+        let err = validate_start(&start_args(&["--system", "/"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap_err().to_string();
         assert!(err.contains("toplevel"), "{err}");
     }
 
@@ -278,7 +291,7 @@ mod tests {
         let args = start_args(&["--system", system.to_str().unwrap()], &k, &i);
         let host_store = dir.path().join("store");
         fs::create_dir(&host_store).unwrap();
-        let (config, _) = validate_start(&args, EngineKind::Qemu, &layout, &host_store).unwrap().unwrap();
+        let (config, _) = validate_start(&args, EngineKind::Qemu, &layout, &host_store).unwrap();
         assert!(config.share_nix_store, "a host with a store shares it by default");
         let registration = nix_registration(&config, &fake).unwrap().unwrap();
         assert_eq!(String::from_utf8(registration).unwrap(), "db /nix/store/aaa-sys /nix/store/bbb-glibc\n");
@@ -309,7 +322,7 @@ mod tests {
         let (store, no_store) = (dir.path().join("store"), dir.path().join("no-store"));
         fs::create_dir(&store).unwrap();
         let tags = |args: &[&str], host_store: &Path| {
-            let (config, _) = validate_start(&start_args(args, &k, &i), EngineKind::Qemu, &layout, host_store).unwrap().unwrap();
+            let (config, _) = validate_start(&start_args(args, &k, &i), EngineKind::Qemu, &layout, host_store).unwrap();
             let spec = vm_spec(&layout, &config, "02:00:00:00:00:01".into());
             assert!(spec.shares.iter().all(|s| s.read_only));
             (spec.shares.iter().map(|s| s.tag.clone()).collect::<Vec<_>>(), spec.rosetta)
@@ -317,7 +330,7 @@ mod tests {
         assert_eq!(tags(&["--no-share-nix-store", "--no-rosetta"], &store), (vec!["dvn-config".into()], RosettaMode::Off));
         assert_eq!(tags(&[], &store), (vec!["dvn-config".into(), "nix-store".into()], RosettaMode::IfAvailable));
         assert_eq!(tags(&[], &no_store), (vec!["dvn-config".into()], RosettaMode::IfAvailable), "no host store: not shared");
-        let err = validate_start(&start_args(&["--share-nix-store"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap().unwrap_err();
+        let err = validate_start(&start_args(&["--share-nix-store"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap_err();
         assert!(err.to_string().contains("--no-share-nix-store"), "{err}");
     }
 }

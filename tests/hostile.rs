@@ -172,6 +172,26 @@ fn a_hostile_guest_cannot_write_the_shares_plant_links_or_reach_host_loopback() 
     if let Some((ip, hits)) = &outside_hits {
         eprintln!("NOTE: the server on {ip} saw {} guest connection(s)", hits.load(Ordering::SeqCst));
     }
+    // The outside is routed: where this machine can resolve a name through a non-loopback resolver, the guest
+    // resolves it too, through that resolver named explicitly and through what DHCP gave it.
+    let resolver = fs::read_to_string("/etc/resolv.conf").ok().and_then(|text| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+            .find(|ip| !ip.is_loopback())
+    });
+    let name = "deb.debian.org";
+    let host_resolves = std::net::ToSocketAddrs::to_socket_addrs(&(name, 80)).is_ok_and(|mut a| a.next().is_some());
+    match resolver.filter(|_| host_resolves) {
+        Some(resolver) => {
+            let verdicts = probe(&vm, "builder", &format!("dns {name} {resolver} default"));
+            for server in [resolver.to_string(), "default".into()] {
+                let (done, detail) = &verdicts[&format!("dns-{server}")];
+                assert!(*done, "the guest cannot resolve {name} through {server}: {detail}");
+            }
+        }
+        None => eprintln!("NOTE: this machine resolves no names through a non-loopback resolver: outside routing not shown"),
+    }
 
     // 4. The agent's port: builder cannot bind it; root can (after killing the real agent).
     let builder = probe(&vm, "builder", "vsock-bind");
@@ -194,4 +214,55 @@ fn a_hostile_guest_cannot_write_the_shares_plant_links_or_reach_host_loopback() 
     assert_eq!(vm.stop(&[]), 0);
     assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
     assert!(dvn::guest_config::holds_only_our_files(&vm.state().join("guest-config")));
+}
+
+/// No control character (ANSI escape, newline, bell) anywhere in a JSON value's strings.
+fn assert_no_control_chars(value: &serde_json::Value, path: &str) {
+    match value {
+        serde_json::Value::String(s) => assert!(!s.chars().any(char::is_control), "{path} carries control characters: {s:?}"),
+        serde_json::Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| assert_no_control_chars(v, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| assert_no_control_chars(v, &format!("{path}.{k}"))),
+        _ => {}
+    }
+}
+
+#[test]
+#[ignore = "needs the supervisor's reply validation (sm)"]
+fn a_fake_agent_with_hostile_replies_leaves_status_sane_and_stop_bounded() {
+    let mut vm = Instance::new();
+    let system = root_hook_system(&vm);
+    vm.start_ready(&["--system", system.to_str().unwrap()]);
+    // Guest root replaces the agent: hostile answers at once, trickling ones after 20 s. This also ends the
+    // agent's ssh forwarder, so from here on the host only has the agent's port.
+    let (_, has_fake, _) = try_ssh_as(&vm, "root", "command -v dvn-fake-agent");
+    assert!(has_fake.contains("dvn-fake-agent"), "the test guest has no dvn-fake-agent (DVN_AGENT without cargo?)");
+    ssh_as(
+        &vm,
+        "root",
+        "setsid sh -c 'kill $(pidof dvn-agent); usleep 100000; exec dvn-fake-agent --trickle-after 20' \
+         >/tmp/fake-agent.log 2>&1 </dev/null &",
+    );
+    let guest_ip_file = vm.state().join("guest-ip");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let asked = std::time::Instant::now();
+        let status = vm.status();
+        assert!(asked.elapsed() < std::time::Duration::from_secs(6), "status took {:?}", asked.elapsed());
+        assert_no_control_chars(&status, "status");
+        if let Some(ip) = status["guestIp"].as_str() {
+            assert!(ip.parse::<std::net::IpAddr>().is_ok(), "guestIp is not an IP: {ip:?}");
+        }
+        let builds = status["buildsInFlight"].as_u64().unwrap_or(0);
+        assert!(builds < 1 << 20, "buildsInFlight taken as is: {builds}");
+        if let Ok(text) = fs::read_to_string(&guest_ip_file) {
+            assert!(text.trim().parse::<std::net::IpAddr>().is_ok(), "guest-ip holds {text:?}");
+        }
+        thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // The fake says "ok" to poweroff and does nothing, slowly: stop must still end in bounded time.
+    let asked = std::time::Instant::now();
+    let out = vm.run(&["stop", "--timeout", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    vm.wait_supervisor_exit(std::time::Duration::from_secs(30));
+    assert!(asked.elapsed() < std::time::Duration::from_secs(45), "stop took {:?}", asked.elapsed());
 }

@@ -153,7 +153,7 @@ fn status(config: &AgentConfig) -> GuestStatus {
         guest_ip: guest_ipv4(),
         disk_free_bytes,
         disk_total_bytes,
-        builds_in_flight: count_builds(Path::new("/proc"), &build_uids(Path::new("/etc"))),
+        builds_in_flight: count_builds(Path::new("/proc"), &build_uids()),
         unix_ms: now_unix_ms(),
     }
 }
@@ -187,23 +187,11 @@ fn power_off(command: &str) {
     }
 }
 
-/// UIDs of Nix build users: members of the `nixbld` group (from `<etc>/group` and `<etc>/passwd`).
-pub fn build_uids(etc: &Path) -> HashSet<u32> {
-    let group = fs::read_to_string(etc.join("group")).unwrap_or_default();
-    let members: HashSet<&str> = group
-        .lines()
-        .filter(|l| l.starts_with("nixbld:"))
-        .filter_map(|l| l.splitn(4, ':').nth(3))
-        .flat_map(|m| m.split(',').map(str::trim).filter(|s| !s.is_empty()))
-        .collect();
-    let passwd = fs::read_to_string(etc.join("passwd")).unwrap_or_default();
-    passwd
-        .lines()
-        .filter_map(|l| {
-            let fields: Vec<&str> = l.split(':').collect();
-            (fields.len() > 2 && members.contains(fields[0])).then(|| fields[2].parse().ok()).flatten()
-        })
-        .collect()
+/// UIDs of Nix build users: the members of the `nixbld` group, looked up through the C library (NSS), not by
+/// parsing /etc/group and /etc/passwd by hand.
+pub fn build_uids() -> HashSet<u32> {
+    let Ok(Some(group)) = nix::unistd::Group::from_name("nixbld") else { return HashSet::new() };
+    group.mem.iter().filter_map(|name| nix::unistd::User::from_name(name).ok().flatten()).map(|user| user.uid.as_raw()).collect()
 }
 
 /// Builds in flight, read from a /proc tree: each running build has its own build user, so the number of
@@ -274,15 +262,12 @@ mod tests {
     }
 
     #[test]
-    fn reads_nixbld_members() {
-        let etc = tempfile::tempdir().unwrap();
-        fs::write(etc.path().join("group"), "root:x:0:\nnixbld:x:30000:nixbld1,nixbld2\n").unwrap();
-        fs::write(
-            etc.path().join("passwd"),
-            "root:x:0:0::/root:/bin/sh\nnixbld1:x:30001:30000::/var/empty:/bin/false\nnixbld2:x:30002:30000::/:/x\n",
-        )
-        .unwrap();
-        assert_eq!(build_uids(etc.path()), HashSet::from([30001, 30002]));
-        assert!(build_uids(Path::new("/nonexistent")).is_empty());
+    fn build_users_are_the_nixbld_members_nss_knows() {
+        // Whatever this machine has: each uid found belongs to a member of nixbld, and none without the group.
+        let uids = build_uids();
+        match nix::unistd::Group::from_name("nixbld").unwrap() {
+            Some(group) => assert!(uids.len() <= group.mem.len()),
+            None => assert!(uids.is_empty()),
+        }
     }
 }

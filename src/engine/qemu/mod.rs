@@ -89,20 +89,16 @@ pub fn locate_passt() -> Option<PathBuf> {
 }
 
 /// The guest's network as passt gives it (the addresses QEMU's user network used): the gateway is not mapped
-/// to the host (`--no-map-gw`), so nothing reaches the host's loopback; DNS sent to 10.0.2.3 is forwarded to
-/// the host's resolver (the one exception, port 53 only); no port of the host is forwarded into the guest.
+/// to the host (`--no-map-gw`), so nothing reaches the host's loopback; no port of the host is forwarded into
+/// the guest. DHCP hands out the host's own resolvers (/etc/resolv.conf), which the guest reaches directly: a
+/// host whose only resolver is on its loopback (systemd-resolved's 127.0.0.53) leaves the guest without DNS.
+/// (passt's --dns-forward did not answer here with Debian 12's passt.)
 pub fn passt_args(fd: std::os::fd::RawFd) -> Vec<String> {
     let mut args: Vec<String> =
         ["--foreground", "--quiet", "--stderr", "--ipv4-only", "--no-map-gw"].iter().map(|s| s.to_string()).collect();
-    for (flag, value) in [
-        ("--address", "10.0.2.15"),
-        ("--netmask", "24"),
-        ("--gateway", "10.0.2.2"),
-        ("--dns", "10.0.2.3"),
-        ("--dns-forward", "10.0.2.3"),
-        ("--tcp-ports", "none"),
-        ("--udp-ports", "none"),
-    ] {
+    for (flag, value) in
+        [("--address", "10.0.2.15"), ("--netmask", "24"), ("--gateway", "10.0.2.2"), ("--tcp-ports", "none"), ("--udp-ports", "none")]
+    {
         args.extend([flag.to_string(), value.to_string()]);
     }
     args.extend(["--fd".to_string(), fd.to_string()]);
