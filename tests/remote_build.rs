@@ -125,14 +125,29 @@ fn remote_builds_one_several_a_chain_and_a_failure_through_the_builder_guest() {
     assert_in_host_store(&one[0]);
     // The sandbox's host name is Nix's `localhost`: it really ran in the guest's build sandbox.
     assert_eq!(fs::read_to_string(&one[0]).unwrap().trim(), "built-in-the-sandbox-of localhost");
+    // The agent answers: the guest's address from its DHCP lease.
+    let status = vm.status();
+    assert!(status["guestIp"].as_str().is_some_and(|ip| !ip.is_empty()), "no guest IP in {status}");
 
-    // Several at once: 4 derivations of 6 s each, the machine's max-jobs (2) honoured, and more than one at a time.
+    // Several at once: 4 derivations of 10 s each (an ssh connection takes ~3 s under TCG), the machine's max-jobs
+    // (2) honoured, and more than one at a time.
     let started = Instant::now();
     let list: Vec<String> = (0..4)
-        .map(|i| drv(&format!("dvn-par-{n}-{i}"), "read s _ < /proc/uptime; sleep 6; read e _ < /proc/uptime; echo $s $e > $out"))
+        .map(|i| drv(&format!("dvn-par-{n}-{i}"), "read s _ < /proc/uptime; sleep 10; read e _ < /proc/uptime; echo $s $e > $out"))
         .collect();
-    let several = client.build_ok(&format!("[ {} ]", list.join(" ")));
-    eprintln!("4 derivations: {:.1} s", started.elapsed().as_secs_f64());
+    let several_expr = format!("[ {} ]", list.join(" "));
+    // Meanwhile the agent reports them (the count the idle stop relies on).
+    let (several, most_in_flight) = std::thread::scope(|scope| {
+        let build = scope.spawn(|| client.build_ok(&several_expr));
+        let mut most = 0;
+        while !build.is_finished() {
+            most = most.max(vm.status()["buildsInFlight"].as_u64().unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        (build.join().unwrap(), most)
+    });
+    eprintln!("4 derivations: {:.1} s; the agent saw up to {most_in_flight} builds in flight", started.elapsed().as_secs_f64());
+    assert!(most_in_flight >= 1, "the agent never reported a build in flight");
     let intervals: Vec<(f64, f64)> = several
         .iter()
         .map(|p| {
