@@ -238,6 +238,7 @@ struct Inner {
     poweroff: Mutex<Option<Poweroff>>,
     machines: Mutex<Vec<Arc<FakeMachine>>>,
     attempts: Mutex<u32>,
+    builds_at_boot: Mutex<u32>,
 }
 
 #[derive(Clone, Default)]
@@ -255,6 +256,11 @@ impl FakeEngine {
 
     pub fn set_poweroff(&self, poweroff: Poweroff) {
         *self.inner.poweroff.lock().unwrap() = Some(poweroff);
+    }
+
+    /// Builds the guests report from their start.
+    pub fn set_builds_at_boot(&self, builds: u32) {
+        *self.inner.builds_at_boot.lock().unwrap() = builds;
     }
 
     /// Calls of `boot`, failed ones included.
@@ -284,7 +290,7 @@ impl Engine for FakeEngine {
             plan,
             poweroff: self.inner.poweroff.lock().unwrap().unwrap_or(Poweroff::Prompt),
             started: Instant::now(),
-            guest: Mutex::new(Guest { stopped: None, builds: 0, silent: false, hostile: false }),
+            guest: Mutex::new(Guest { stopped: None, builds: *self.inner.builds_at_boot.lock().unwrap(), silent: false, hostile: false }),
             changed: Condvar::new(),
         });
         if plan == Plan::DieDuringBoot {

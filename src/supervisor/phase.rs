@@ -2,24 +2,19 @@
 //! of phase is checked against one table (`valid_transition`).
 //!
 //! ```text
-//!                 BootRequested (on demand)          SshReady
-//!   ┌─────────┐ ─────────────────────────▶ ┌─────────┐ ─────────▶ ┌─────────┐
-//!   │ Waiting │                            │ Booting │            │ Running │
-//!   └─────────┘ ◀──── boot failed ──────── └─────────┘            └─────────┘
-//!     │  ▲  ▲        (back-off; held          │  ▲  │ unrecoverable     │  │ idle / stop / signal
-//!     │  │  │         connections closed)     │  │  │ (retry)           │  │
-//!     │  │  │   VM exited (on demand)         │  └──┴────────┐          │  │ VM exited
-//!     │  │  └─────────────────────────────────┼──────────────┼──────────┘  │ (crash: on demand → Waiting,
-//!     │  │                                    │ stop/signal/ │             │  else → Exiting)
-//!     │  │       VM gone, then = Wait         ▼ timeout      ▼             ▼
-//!     │  └──────────────────────────── ┌──────────┐ ◀──────────────────────┘
-//!     │          VM gone, then = Boot  │ Stopping │ ── VM gone, then = Retry/Boot ──▶ Booting
-//!     │          (connection arrived)  └──────────┘
-//!     │ stop / signal                       │ VM gone, then = Exit (or Fail when not on demand)
-//!     ▼                                     ▼
-//!   ┌─────────┐ ◀───────────────────────────┘
-//!   │ Exiting │
-//!   └─────────┘
+//!               BootRequested (on demand)         SshReady
+//!   Waiting ───────────────────────────▶ Booting ─────────▶ Running
+//!     ▲  ▲  ◀── boot failed (back-off) ──  │                  │  │
+//!     │  │                                 │ stop, signal,    │  │ idle, stop, signal
+//!     │  │                                 │ deadline,        │  │
+//!     │  │   VM exited (on demand)         │ unrecoverable    │  │ VM exited: on demand → Waiting,
+//!     │  └─────────────────────────────────┼──────────────────┘  │ else → Exiting
+//!     │                                    ▼                     ▼
+//!     │ ◀── VM gone, then = Wait ───── Stopping {then} ◀─────────┘
+//!     │                                    │  └── VM gone, then = Boot | Retry ──▶ Booting
+//!     │ stop, signal                       │ VM gone, then = Exit | Fail (not on demand)
+//!     ▼                                    ▼
+//!   Exiting ◀──────────────────────────────┘
 //! ```
 //!
 //! While stopping, `then` says what follows, and later events change it rather than being lost: a `stop` or a

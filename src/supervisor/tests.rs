@@ -74,7 +74,8 @@ impl Harness {
         });
         let h = Harness { _dir: dir, layout, engine, shared, port, done: std::sync::Mutex::new(done) };
         let deadline = Instant::now() + WAIT;
-        while !h.layout.control_socket().exists() {
+        // The socket file appears at bind, a moment before it listens: wait for an answer.
+        while control::request(&h.layout.control_socket(), &ControlRequest::Status, WAIT).is_err() {
             assert!(Instant::now() < deadline, "no control socket");
             thread::sleep(Duration::from_millis(2));
         }
@@ -195,11 +196,12 @@ fn unrecoverable_every_time_fails_the_boot_after_the_attempts() {
 #[test]
 fn stop_during_an_idle_stop_is_honoured() {
     let engine = FakeEngine::default();
-    engine.set_poweroff(Poweroff::After(Duration::from_millis(300)));
+    engine.set_poweroff(Poweroff::After(Duration::from_secs(1)));
     let h = Harness::start(engine, true, |o| o.idle_timeout = Some(Duration::from_millis(50)));
     h.ssh().unwrap();
     h.wait_state(VmState::Stopping);
     h.stop(false);
+    assert_eq!(h.state(), VmState::Stopping, "the stop came during the idle stop");
     let result = h.done.lock().unwrap().recv_timeout(Duration::from_secs(3)).expect("the stop was lost: the supervisor kept running");
     result.unwrap();
     assert_eq!(h.engine.machine(0).stopped(), Some(StopReason::GuestShutdown), "still a clean shutdown, not forced");
@@ -240,9 +242,9 @@ fn idle_stop_keeps_listening_on_demand_and_exits_otherwise() {
 #[test]
 fn a_build_in_flight_keeps_the_vm_up() {
     let engine = FakeEngine::default();
+    engine.set_builds_at_boot(1);
     let h = Harness::start(engine, false, |o| o.idle_timeout = Some(Duration::from_millis(50)));
     h.wait_state(VmState::Running);
-    h.engine.machine(0).set_builds(1);
     h.wait_for("the build seen", |h| h.status().builds_in_flight == 1);
     assert!(h.still_running(Duration::from_millis(200)), "stopped during a build");
     h.engine.machine(0).set_builds(0);
@@ -341,7 +343,7 @@ fn an_agent_that_goes_silent_is_reported_and_cleared() {
 fn a_hostile_agent_cannot_keep_the_vm_up_or_forge_status() {
     let engine = FakeEngine::default();
     let h = Harness::start(engine, false, |o| {
-        o.idle_timeout = Some(Duration::from_millis(300));
+        o.idle_timeout = Some(Duration::from_secs(1));
         o.agent_silence_reported_after = Duration::ZERO;
     });
     h.wait_state(VmState::Running);
@@ -358,7 +360,7 @@ fn a_hostile_agent_cannot_keep_the_vm_up_or_forge_status() {
 
 #[test]
 fn a_failed_boot_closes_its_connections_and_backs_off() {
-    let h = Harness::start(FakeEngine::with_plans(&[Plan::FailToStart]), true, |_| {});
+    let h = Harness::start(FakeEngine::with_plans(&[Plan::FailToStart]), true, |o| o.backoff_base = Duration::from_secs(1));
     let clients: Vec<_> = (0..4).map(|_| h.connect()).collect();
     for mut client in clients {
         assert!(read_banner(&mut client).is_err(), "closed, not queued for retries");
@@ -373,7 +375,7 @@ fn a_failed_boot_closes_its_connections_and_backs_off() {
     assert!(read_banner(&mut early).is_err());
     assert_eq!(h.engine.attempts(), 1);
     // After it: the next connection boots again, and works.
-    thread::sleep(Duration::from_millis(350));
+    thread::sleep(Duration::from_millis(1100));
     assert_eq!(h.ssh().unwrap(), "SSH-2.0-fake");
     assert_eq!(h.engine.attempts(), 2);
     h.stop(false);
