@@ -123,6 +123,16 @@ pub enum DebugCommand {
         #[arg(allow_hyphen_values = true)]
         seconds: i64,
     },
+    /// Print, as JSON, every process the qemu engine would start for this state directory's last `start`
+    /// (scripts/bench boots the same command lines by hand as its baseline). Starts nothing.
+    VmCommand {
+        /// The fd number under which QEMU inherits its end of the network socket pair.
+        #[arg(long, default_value_t = 3)]
+        qemu_fd: i32,
+        /// The fd number under which passt inherits the other end.
+        #[arg(long, default_value_t = 4)]
+        passt_fd: i32,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

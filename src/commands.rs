@@ -73,7 +73,30 @@ pub fn run(cli: Cli, init_logging: InitLogging) -> Result<ExitCode> {
                 .context("shifting the guest clock")?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Debug(DebugCommand::VmCommand { qemu_fd, passt_fd }) => print_vm_command(&layout, qemu_fd, passt_fd),
     }
+}
+
+/// The qemu engine's launch plan for the last `start` of this state directory, as JSON.
+fn print_vm_command(layout: &Layout, qemu_fd: i32, passt_fd: i32) -> Result<ExitCode> {
+    let Some(config) = EffectiveConfig::load(layout)? else {
+        return Err(bad_input(format!("{} has no config.json: run `darwin-vz-nix start` there once", layout.root.display())));
+    };
+    let mac = fs::read_to_string(layout.mac_file()).with_context(|| format!("reading {}", layout.mac_file().display()))?;
+    let spec = launch::vm_spec(layout, &config, mac.trim().to_string());
+    let engine = engine::qemu::QemuEngine::detect().context("the hypervisor is not usable")?;
+    let (accel, _) = engine.choose_accel();
+    let plan = engine.launch_plan(&spec, accel, engine::qemu::NetFds { qemu: qemu_fd, passt: passt_fd });
+    let json = serde_json::json!({
+        "accel": format!("{accel:?}").to_lowercase(),
+        "helpers": plan.helpers,
+        "qemu": plan.qemu,
+        "vsockSocket": plan.vsock_socket(),
+        "qmpSocket": plan.qmp_socket(),
+        "vsockDevicePath": engine::qemu::LaunchPlan::vsock_device_path(),
+    });
+    println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn absolute(path: &Path) -> std::path::PathBuf {

@@ -9,7 +9,7 @@ mod qmp;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -232,30 +232,124 @@ impl QemuEngine {
         }
     }
 
-    fn virtiofsd_command(&self, source: &Path, socket: &Path, read_only: bool) -> Command {
-        let mut cmd = Command::new(&self.virtiofsd);
+    fn virtiofsd_args(&self, source: &Path, socket: &Path, read_only: bool) -> Vec<String> {
         let root = nix::unistd::Uid::effective().is_root();
+        let mut args = vec![format!("--socket-path={}", socket.display())];
         if self.virtiofsd_is_rust {
-            cmd.arg(format!("--socket-path={}", socket.display()))
-                .arg(format!("--shared-dir={}", source.display()))
-                .arg("--cache=auto")
-                .arg(format!("--sandbox={}", if root { "namespace" } else { "none" }));
+            args.push(format!("--shared-dir={}", source.display()));
+            args.push("--cache=auto".into());
+            args.push(format!("--sandbox={}", if root { "namespace" } else { "none" }));
             if read_only {
-                cmd.arg("--readonly");
+                args.push("--readonly".into());
             }
         } else {
             // QEMU's C virtiofsd has no read-only switch: check_spec lets it serve writable shares only.
-            cmd.arg(format!("--socket-path={}", socket.display()))
-                // fuse's option parser splits at commas: escape them (and backslashes) in the path.
-                .args([
-                    "-o",
-                    &format!("source={}", source.display().to_string().replace('\\', "\\\\").replace(',', "\\,")),
-                    "-o",
-                    "cache=auto",
-                ])
-                .args(["-o", &format!("sandbox={}", if root { "namespace" } else { "chroot" })]);
+            // fuse's option parser splits at commas: escape them (and backslashes) in the path.
+            let source = source.display().to_string().replace('\\', "\\\\").replace(',', "\\,");
+            args.extend(["-o".into(), format!("source={source}"), "-o".into(), "cache=auto".into()]);
+            args.extend(["-o".into(), format!("sandbox={}", if root { "namespace" } else { "chroot" })]);
         }
+        args
+    }
+
+    /// Every process of one VM, in start order, QEMU last: what `boot` runs, and what `debug vm-command` prints
+    /// for benchmarks (so a hand-run baseline cannot drift from the engine). `net` holds the two ends of the
+    /// network socket pair (QEMU's, passt's) as the fd numbers the processes inherit.
+    pub fn launch_plan(&self, spec: &VmSpec, accel: Accel, net: NetFds) -> LaunchPlan {
+        let sockets = Sockets::in_dir(&spec.runtime_dir, spec.shares.len());
+        let mut helpers: Vec<PlannedProcess> = spec
+            .shares
+            .iter()
+            .zip(&sockets.shares)
+            .map(|(share, socket)| PlannedProcess {
+                name: "virtiofsd",
+                program: self.virtiofsd.clone(),
+                args: self.virtiofsd_args(&share.host_path, socket, share.read_only),
+                ready_socket: Some(socket.clone()),
+                inherits_fd: None,
+            })
+            .collect();
+        // Devices in one group can reach each other's guests; every VM gets its own group, so concurrent VMs
+        // (which all use guest CID 3) never see each other.
+        helpers.push(PlannedProcess {
+            name: "vhost-device-vsock",
+            program: self.vhost_vsock.clone(),
+            args: vec![
+                "--guest-cid=3".into(),
+                format!("--socket={}", sockets.vhost_vsock.display()),
+                format!("--uds-path={}", sockets.vsock_uds.display()),
+                format!("--groups=dvn{}", std::process::id()),
+            ],
+            ready_socket: Some(sockets.vhost_vsock.clone()),
+            inherits_fd: None,
+        });
+        helpers.push(PlannedProcess {
+            name: "passt",
+            program: self.passt.clone(),
+            args: passt_args(net.passt),
+            ready_socket: None,
+            inherits_fd: Some(net.passt),
+        });
+        let qemu = PlannedProcess {
+            name: "qemu",
+            program: self.qemu.clone(),
+            args: qemu_args(spec, self.arch, accel, &sockets, net.qemu),
+            ready_socket: Some(sockets.qmp.clone()),
+            inherits_fd: Some(net.qemu),
+        };
+        LaunchPlan { helpers, qemu, sockets }
+    }
+}
+
+/// The fd numbers of the network socket pair's two ends, as the child processes inherit them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct NetFds {
+    pub qemu: RawFd,
+    pub passt: RawFd,
+}
+
+/// One process the engine starts for a VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedProcess {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// The socket it creates once it serves: the next process starts after that (QEMU's is its QMP socket).
+    pub ready_socket: Option<PathBuf>,
+    /// The network socket-pair end it inherits under the same fd number.
+    pub inherits_fd: Option<RawFd>,
+}
+
+impl PlannedProcess {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
         cmd
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchPlan {
+    /// In start order; each waits for the one before to create its ready socket.
+    pub helpers: Vec<PlannedProcess>,
+    pub qemu: PlannedProcess,
+    #[serde(skip)]
+    sockets: Sockets,
+}
+
+impl LaunchPlan {
+    /// The host end of the guest's vsock (vhost-device-vsock's hybrid socket: `CONNECT <port>`).
+    pub fn vsock_socket(&self) -> &Path {
+        &self.sockets.vsock_uds
+    }
+    pub fn qmp_socket(&self) -> &Path {
+        &self.sockets.qmp
+    }
+    /// QEMU's QOM path of the vsock device, for `x-query-virtio-status` (has the guest started it?).
+    pub fn vsock_device_path() -> String {
+        format!("/machine/peripheral/{VSOCK_DEVICE_ID}/virtio-backend")
     }
 }
 
@@ -352,10 +446,6 @@ impl Engine for QemuEngine {
         }
         let dir = &spec.runtime_dir;
         fs::create_dir_all(dir).map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
-        let sockets = Sockets::in_dir(dir, spec.shares.len());
-        for stale in sockets.shares.iter().chain([&sockets.qmp, &sockets.vhost_vsock, &sockets.vsock_uds]) {
-            let _ = fs::remove_file(stale);
-        }
         let log_path = dir.join("helpers.log");
         let log =
             File::options().create(true).append(true).open(&log_path).map_err(|e| EngineError::io(log_path.display().to_string(), e))?;
@@ -363,50 +453,42 @@ impl Engine for QemuEngine {
         let (accel, accel_reason) = self.choose_accel();
         tracing::info!("qemu: accelerator {accel_reason}");
 
+        // The guest's network: a socket pair, one end for passt, one for QEMU. passt drops to `nobody`, which
+        // clears its parent-death signal, but it quits when QEMU's end closes (QEMU dies with us).
+        // std makes both ends close-on-exec; each child inherits only its own end.
+        let (net_qemu, net_passt) = UnixStream::pair().map_err(|e| EngineError::io("creating the network socket pair", e))?;
+        let plan = self.launch_plan(spec, accel, NetFds { qemu: net_qemu.as_raw_fd(), passt: net_passt.as_raw_fd() });
+        for stale in plan.helpers.iter().chain([&plan.qemu]).filter_map(|p| p.ready_socket.as_ref()).chain([&plan.sockets.vsock_uds]) {
+            let _ = fs::remove_file(stale);
+        }
         let mut machine = QemuMachine {
             children: Mutex::new(Vec::new()),
-            vsock_uds: sockets.vsock_uds.clone(),
-            qmp_path: sockets.qmp.clone(),
+            vsock_uds: plan.sockets.vsock_uds.clone(),
+            qmp_path: plan.sockets.qmp.clone(),
             forced: Mutex::new(false),
             vsock_started: std::sync::atomic::AtomicBool::new(false),
             unanswered_since: Mutex::new(None),
         };
-        let spawn = |cmd: Command, name: &str| -> Result<Child, EngineError> {
-            supervised(cmd, &log)?.spawn().map_err(|e| EngineError::io(format!("starting {name}"), e))
+        let spawn = |process: &PlannedProcess| -> Result<Command, EngineError> {
+            let mut cmd = supervised(process.command(), &log)?;
+            if let Some(fd) = process.inherits_fd {
+                inherit_fd(&mut cmd, fd);
+            }
+            Ok(cmd)
         };
-        for (share, socket) in spec.shares.iter().zip(&sockets.shares) {
-            let mut child = spawn(self.virtiofsd_command(&share.host_path, socket, share.read_only), "virtiofsd")?;
-            let ready = wait_for_socket(socket, &mut child, &format!("virtiofsd for '{}'", share.tag));
-            machine.adopt(child, "virtiofsd");
+        for helper in &plan.helpers {
+            let mut child = spawn(helper)?.spawn().map_err(|e| EngineError::io(format!("starting {}", helper.name), e))?;
+            let ready = match &helper.ready_socket {
+                Some(socket) => wait_for_socket(socket, &mut child, helper.name),
+                None => Ok(()),
+            };
+            machine.adopt(child, helper.name);
             ready?;
         }
-        let mut vsock_cmd = Command::new(&self.vhost_vsock);
-        // Devices in one group can reach each other's guests; every VM gets its own group, so concurrent VMs
-        // (which all use guest CID 3) never see each other.
-        vsock_cmd
-            .arg("--guest-cid=3")
-            .arg(format!("--socket={}", sockets.vhost_vsock.display()))
-            .arg(format!("--uds-path={}", sockets.vsock_uds.display()))
-            .arg(format!("--groups=dvn{}", std::process::id()));
-        let mut child = spawn(vsock_cmd, "vhost-device-vsock")?;
-        let ready = wait_for_socket(&sockets.vhost_vsock, &mut child, "vhost-device-vsock");
-        machine.adopt(child, "vhost-device-vsock");
-        ready?;
-
-        // The guest's network: a socket pair, one end for passt, one for QEMU. passt drops to `nobody`, which
-        // clears its parent-death signal, but it quits when QEMU's end closes (QEMU dies with us).
-        // std makes both ends close-on-exec.
-        let (net_qemu, net_passt) = UnixStream::pair().map_err(|e| EngineError::io("creating the network socket pair", e))?;
-        let mut passt = supervised(Command::new(&self.passt), &log)?;
-        passt.args(passt_args(net_passt.as_raw_fd()));
-        inherit_fd(&mut passt, net_passt.as_raw_fd());
-        let child = passt.spawn().map_err(|e| EngineError::io("starting passt", e))?;
         drop(net_passt);
-        machine.adopt(child, "passt");
 
-        let mut qemu = supervised(Command::new(&self.qemu), &log)?;
-        qemu.args(qemu_args(spec, self.arch, accel, &sockets, net_qemu.as_raw_fd())).stdout(Stdio::piped());
-        inherit_fd(&mut qemu, net_qemu.as_raw_fd());
+        let mut qemu = spawn(&plan.qemu)?;
+        qemu.stdout(Stdio::piped());
         tracing::debug!("qemu: {:?}", qemu);
         let mut child = qemu.spawn().map_err(|e| EngineError::io(format!("starting {}", self.qemu.display()), e))?;
         drop(net_qemu);
@@ -429,7 +511,7 @@ impl Engine for QemuEngine {
                 let said = said[said.len().saturating_sub(3)..].join("; ");
                 return Err(EngineError::Boot(format!("QEMU stopped at once ({reason}): {said}")));
             }
-            if sockets.qmp.exists() && qmp::Qmp::connect(&sockets.qmp).is_ok() {
+            if plan.sockets.qmp.exists() && qmp::Qmp::connect(&plan.sockets.qmp).is_ok() {
                 break;
             }
             if Instant::now() > deadline {
@@ -468,7 +550,7 @@ impl QemuMachine {
         if self.vsock_started.load(Ordering::Relaxed) {
             return Ok(true);
         }
-        let path = format!("/machine/peripheral/{VSOCK_DEVICE_ID}/virtio-backend");
+        let path = LaunchPlan::vsock_device_path();
         let query = qmp::Qmp::connect(&self.qmp_path)
             .and_then(|mut q| q.execute_with("x-query-virtio-status", serde_json::json!({ "path": path })));
         let started = match query {
@@ -666,5 +748,51 @@ mod tests {
         engine(rust).check(&spec).unwrap();
         spec.shares[0].read_only = false;
         engine(c).check(&spec).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::spec::{DiskSpec, NetworkSpec, ShareSpec};
+
+    #[test]
+    fn the_launch_plan_starts_each_helper_before_qemu_and_hands_each_its_own_network_end() {
+        let engine = QemuEngine {
+            arch: Arch::X86_64,
+            qemu: "/q".into(),
+            virtiofsd: "/v".into(),
+            virtiofsd_is_rust: true,
+            vhost_vsock: "/hv".into(),
+            passt: "/p".into(),
+        };
+        let spec = VmSpec {
+            cpus: 2,
+            memory_mib: 1024,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            kernel_cmdline: vec![],
+            disk: DiskSpec { path: "/s/disk.img".into(), read_only: false },
+            shares: vec![
+                ShareSpec { tag: "dvn-config".into(), host_path: "/s/guest-config".into(), read_only: true },
+                ShareSpec { tag: "nix-store".into(), host_path: "/nix/store".into(), read_only: true },
+            ],
+            network: NetworkSpec { mac: "02:00:00:00:00:01".into() },
+            rosetta: RosettaMode::Off,
+            runtime_dir: "/s/run".into(),
+            machine_id_file: "/s/mid".into(),
+        };
+        let plan = engine.launch_plan(&spec, Accel::Tcg, NetFds { qemu: 7, passt: 8 });
+        let names: Vec<_> = plan.helpers.iter().map(|p| p.name).collect();
+        assert_eq!(names, ["virtiofsd", "virtiofsd", "vhost-device-vsock", "passt"]);
+        assert!(plan.helpers[..2].iter().all(|p| p.args.contains(&"--readonly".to_string())), "read-only shares on the host side");
+        assert_eq!(plan.helpers[3].inherits_fd, Some(8));
+        assert!(plan.helpers[3].args.ends_with(&["--fd".to_string(), "8".to_string()]));
+        assert_eq!(plan.qemu.inherits_fd, Some(7));
+        assert!(plan.qemu.args.iter().any(|a| a.ends_with("addr.type=fd,addr.str=7")));
+        assert_eq!(plan.qemu.ready_socket.as_deref(), Some(Path::new("/s/run/qmp.sock")));
+        assert_eq!(plan.vsock_socket(), Path::new("/s/run/vsock.sock"));
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["helpers"][0]["readySocket"], "/s/run/fs0.sock");
     }
 }
