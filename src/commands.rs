@@ -16,6 +16,7 @@ use dvn::instance::lock::{self, InstanceLock};
 use dvn::instance::process::PidRecord;
 use dvn::instance::{self, EffectiveConfig, Layout, disk};
 use dvn::supervisor::{Options, Supervisor};
+use dvn::units;
 use dvn::{doctor, guest_config, launch, listener, ssh};
 
 /// Bad usage or bad input: exit code 2, nothing changed on disk.
@@ -353,15 +354,15 @@ fn human_status(r: &StatusReport) -> String {
         out += &format!("  ssh:        127.0.0.1:{port}  (darwin-vz-nix ssh)\n");
     }
     if let Some(up) = r.uptime_seconds {
-        out += &format!("  uptime:     {}\n", human_duration(up));
+        out += &format!("  uptime:     {}\n", units::human_duration(up));
     }
     if let Some(ip) = &r.guest_ip {
         out += &format!("  guest IP:   {ip}\n");
     }
     if r.running {
         let idle = match (r.idle_seconds, r.idle_timeout_seconds) {
-            (Some(idle), 0) => format!("; idle {}", human_duration(idle)),
-            (Some(idle), t) => format!("; idle {} of {}", human_duration(idle), human_duration(t as f64)),
+            (Some(idle), 0) => format!("; idle {}", units::human_duration(idle)),
+            (Some(idle), t) => format!("; idle {} of {}", units::human_duration(idle), units::human_duration(t as f64)),
             (None, _) => String::new(),
         };
         out += &format!("  activity:   {} connection(s), {} build(s){idle}\n", r.connections, r.builds_in_flight);
@@ -370,8 +371,9 @@ fn human_status(r: &StatusReport) -> String {
         out += &format!("  clock:      guest off by {offset} ms\n");
     }
     if let Some(d) = r.disk_bytes {
-        let free = r.guest_disk_free_bytes.map(|f| format!(", {} free in the guest", human_bytes(f))).unwrap_or_default();
-        out += &format!("  disk:       {} of {} allocated on the host{free}\n", human_bytes(d.allocated), human_bytes(d.size));
+        let free = r.guest_disk_free_bytes.map(|f| format!(", {} free in the guest", units::human_bytes(f))).unwrap_or_default();
+        out +=
+            &format!("  disk:       {} of {} allocated on the host{free}\n", units::human_bytes(d.allocated), units::human_bytes(d.size));
     }
     if r.boot_count > 0 {
         let last = r.last_boot_seconds.map(|s| format!(", last took {s:.1} s")).unwrap_or_default();
@@ -382,28 +384,6 @@ fn human_status(r: &StatusReport) -> String {
     }
     out += &format!("  state dir:  {}\n", r.state_directory);
     out
-}
-
-fn human_duration(seconds: f64) -> String {
-    let s = seconds as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 if s.is_multiple_of(60) => format!("{}m", s / 60),
-        60..3600 => format!("{}m {}s", s / 60, s % 60),
-        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
-        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
-    }
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 fn destroy(layout: &Layout, yes: bool, keys: bool) -> Result<ExitCode> {

@@ -95,6 +95,30 @@ pub fn format_duration(duration: Duration) -> String {
     }
 }
 
+/// A duration for people (`status`): rounded down to seconds, two units at most.
+pub fn human_duration(seconds: f64) -> String {
+    let s = seconds as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 if s.is_multiple_of(60) => format!("{}m", s / 60),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// A byte count for people (`status`): binary units, one decimal.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +165,10 @@ mod tests {
         }
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
         assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(human_duration(59.9), "59s");
+        assert_eq!(human_duration(3660.0), "1h 1m");
+        assert_eq!(human_duration(150.0), "2m 30s");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 }

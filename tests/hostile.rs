@@ -227,7 +227,6 @@ fn assert_no_control_chars(value: &serde_json::Value, path: &str) {
 }
 
 #[test]
-#[ignore = "needs the supervisor's reply validation (sm)"]
 fn a_fake_agent_with_hostile_replies_leaves_status_sane_and_stop_bounded() {
     let mut vm = Instance::new();
     let system = root_hook_system(&vm);
