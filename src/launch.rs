@@ -14,7 +14,7 @@ use crate::spec::{DiskSpec, NetworkSpec, RosettaMode, ShareSpec, TAG_CONFIG, TAG
 /// Bad input: reported with exit code 2, and nothing on disk was touched.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    #[error("{flag} {path}: {problem}")]
+    #[error("{flag} {}: {problem}", printable_path(.path))]
     BadPath { flag: &'static str, path: PathBuf, problem: String },
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
@@ -25,6 +25,12 @@ pub enum InputError {
          or use another --state-dir"
     )]
     WouldDiscardDisk(PathBuf),
+}
+
+/// A path as the user can read it back on one line: control characters (a newline in a file name) escaped.
+pub fn printable_path(path: &Path) -> String {
+    let shown = path.display().to_string();
+    if shown.chars().any(char::is_control) { format!("{shown:?}") } else { shown }
 }
 
 /// Why a `start` did not get going, with its exit code: bad input (2, nothing was written) or a state

@@ -90,6 +90,17 @@ fn bad_input_exits_2_and_changes_nothing() {
         vec!["start", "--kernel", "/nonexistent/kernel", "--initrd", r, "--log-file", log.to_str().unwrap()],
         vec!["destroy"],
         vec!["frobnicate"],
+        vec!["start", "--kernel", "/nonexistent/a kernel with spaces", "--initrd", r],
+        vec!["start", "--kernel", "/nonexistent/new\nline", "--initrd", r],
+        vec!["start", "--kernel", k, "--initrd", r, "--cores", "257"],
+        vec!["start", "--kernel", k, "--initrd", r, "--memory", "1048577"],
+        vec!["start", "--kernel", k, "--initrd", r, "--max-jobs", "0"],
+        vec!["start", "--kernel", k, "--initrd", r, "--idle-timeout", "-1"],
+        vec!["start", "--kernel", k, "--initrd", r, "--idle-timeout", "5x"],
+        vec!["start", "--kernel", k, "--initrd", r, "--port", "-1"],
+        vec!["start", "--kernel", k, "--initrd", r, "--engine", "hyperv"],
+        vec!["logs", "-n", "many"],
+        vec!["status", "--frob"],
     ];
     for args in cases {
         let out = i.run(&args);
@@ -98,6 +109,25 @@ fn bad_input_exits_2_and_changes_nothing() {
         assert!(!stderr.trim().is_empty(), "{args:?} printed no reason");
         assert!(stderr.lines().filter(|l| l.contains("error")).count() <= 1, "{args:?}: one message, not a cascade: {stderr}");
         assert_eq!(snapshot(i.state()), before, "{args:?} changed the state directory");
+    }
+    // Environment variables and a path that is not UTF-8 go through the same checks.
+    let env_cases: [(&str, &str, Vec<&str>); 3] = [
+        ("DVN_ENGINE", "hyperv", vec!["status"]),
+        ("DVN_HOST_NIX_STORE", "/nonexistent/store", vec!["start", "--kernel", k, "--initrd", r, "--share-nix-store"]),
+        ("DVN_LOG", "info", vec!["start", "--kernel", k, "--initrd", r, "--cores", "x"]),
+    ];
+    for (name, value, args) in env_cases {
+        let out = i.cmd(&args).env(name, value).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}={value} {args:?}: {stderr}");
+        assert_eq!(snapshot(i.state()), before, "{name}={value} {args:?} changed the state directory");
+    }
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let not_utf8 = std::ffi::OsStr::from_bytes(b"/nonexistent/\xff\xfekernel");
+        let out = i.cmd(&["start", "--initrd", r]).arg("--kernel").arg(not_utf8).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "a non-UTF-8 path: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(snapshot(i.state()), before);
     }
     // A state directory that is a regular file: one message, exit 2, for any command.
     let file = dir.path().join("a-file");
