@@ -169,6 +169,36 @@ fn remote_builds_one_several_a_chain_and_a_failure_through_the_builder_guest() {
     let chain = client.build_ok(&b);
     assert_eq!(fs::read_to_string(&chain[0]).unwrap().trim(), "a-then-b");
 
+    // A lock the host holds on an output's lock file (the host building the same path) does not block the guest:
+    // the guest sees the file through the overlay's lower layer, but Nix opens it read-write, which copies it up,
+    // so the guest locks its own copy (issue 12, item 6). The build runs in the guest itself, not through the host.
+    let locked = drv(&format!("dvn-host-locked-{n}"), "echo built-despite-the-host-lock > $out");
+    let eval = Command::new("nix-instantiate")
+        .args(["--eval", "-E", &format!("{locked}.outPath")])
+        .env("NIX_CONFIG", "build-users-group =\n")
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let out_path = String::from_utf8_lossy(&eval.stdout).trim().trim_matches('"').to_string();
+    let lock_file = format!("{out_path}.lock");
+    // --no-fork: the lock is held by the process we kill at the end, and no stray child keeps our output open.
+    let mut holder =
+        Command::new("flock").args(["--no-fork", &lock_file, "sleep", "600"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Path::new(&lock_file).exists() {
+        assert!(Instant::now() < deadline, "flock never created {lock_file}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let built = vm.ssh_ok(&format!("timeout 300 nix-build --no-out-link -E '{locked}' && cat {out_path}"));
+    eprintln!("guest build under a host-held lock: {:.1} s", started.elapsed().as_secs_f64());
+    assert!(built.contains("built-despite-the-host-lock"), "{built}");
+    assert!(holder.try_wait().unwrap().is_none(), "the host's lock holder is still there");
+    assert_eq!(fs::metadata(&lock_file).unwrap().len(), 0, "the host's lock file is untouched");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let _ = fs::remove_file(&lock_file);
+
     // A failing build: non-zero status, its log on the host, and the VM stays healthy.
     let out = client.build(&drv(&format!("dvn-fail-{n}"), "echo dvn-this-build-fails-on-purpose >&2; exit 3"), &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
