@@ -24,36 +24,30 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The test guest: DVN_TEST_KERNEL/DVN_TEST_INITRD, else built once by testing/guest/build.
+/// The small test guest: DVN_TEST_KERNEL/DVN_TEST_INITRD, else built once by testing/guest/build.
 pub fn guest() -> &'static (PathBuf, PathBuf) {
     static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        if let (Ok(k), Ok(i)) = (std::env::var("DVN_TEST_KERNEL"), std::env::var("DVN_TEST_INITRD")) {
-            return (k.into(), i.into());
-        }
-        let out = repo_root().join("target/test-guest");
-        let _build_lock = machine_lock("guest-build");
-        let status = Command::new(repo_root().join("testing/guest/build")).arg(&out).status().expect("running testing/guest/build");
-        assert!(status.success(), "testing/guest/build failed");
-        (out.join("kernel"), out.join("initrd"))
-    })
+    GUEST.get_or_init(|| kernel_and_initrd("DVN_TEST", "testing/guest/build", "target/test-guest"))
 }
 
 /// The builder guest (systemd + Nix, testing/guest/builder): DVN_TEST_BUILDER_KERNEL/DVN_TEST_BUILDER_INITRD,
 /// else built once by testing/guest/builder/build.
 pub fn builder_guest() -> &'static (PathBuf, PathBuf) {
     static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        if let (Ok(k), Ok(i)) = (std::env::var("DVN_TEST_BUILDER_KERNEL"), std::env::var("DVN_TEST_BUILDER_INITRD")) {
-            return (k.into(), i.into());
-        }
-        let out = repo_root().join("target/builder-guest");
-        let _build_lock = machine_lock("guest-build");
-        let status =
-            Command::new(repo_root().join("testing/guest/builder/build")).arg(&out).status().expect("running testing/guest/builder/build");
-        assert!(status.success(), "testing/guest/builder/build failed");
-        (out.join("kernel"), out.join("initrd"))
-    })
+    GUEST.get_or_init(|| kernel_and_initrd("DVN_TEST_BUILDER", "testing/guest/builder/build", "target/builder-guest"))
+}
+
+/// A guest's kernel and initrd: `<env>_KERNEL`/`<env>_INITRD` when both are set, else built by `script` into `out`
+/// (under a machine-wide lock, so concurrent test processes build it once).
+fn kernel_and_initrd(env: &str, script: &str, out: &str) -> (PathBuf, PathBuf) {
+    if let (Ok(k), Ok(i)) = (std::env::var(format!("{env}_KERNEL")), std::env::var(format!("{env}_INITRD"))) {
+        return (k.into(), i.into());
+    }
+    let out = repo_root().join(out);
+    let _build_lock = machine_lock("guest-build");
+    let status = Command::new(repo_root().join(script)).arg(&out).status().unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(status.success(), "{script} failed");
+    (out.join("kernel"), out.join("initrd"))
 }
 
 /// An exclusive lock shared by every test process on this machine.
