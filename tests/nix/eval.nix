@@ -334,20 +334,8 @@ let
     }
   ];
 
-  # One case at a time, so that an evaluation error (which tryEval cannot always catch) fails only that case.
-  report = i:
-    let
-      c = builtins.elemAt cases i;
-      r = builtins.tryEval (builtins.deepSeq c.got c.got);
-      show = v: plain (builtins.toJSON v);
-    in
-    if r.success && r.value == c.expected then "ok"
-    else if r.success then "got ${show r.value}, expected ${show c.expected}"
-    else "evaluation error, expected ${show c.expected}";
 in
-{
-  names = map (c: c.name) cases;
-  inherit report;
+import ./report.nix cases // {
   # For tests/nix/run's `ssh -G` check: the ssh_config.d files of `userSsh`, in reading order.
   sshConfigFiles = map (n: { name = baseNameOf n; inherit (userSsh.environment.etc.${n}) text; }) (sshConfigD userSsh);
 }

@@ -193,19 +193,8 @@ let
     }
   ];
 
-  report = i:
-    let
-      c = builtins.elemAt cases i;
-      r = builtins.tryEval (builtins.deepSeq c.got c.got);
-      show = v: plain (builtins.toJSON v);
-    in
-    if r.success && r.value == c.expected then "ok"
-    else if r.success then "got ${show r.value}, expected ${show c.expected}"
-    else "evaluation error, expected ${show c.expected}";
 in
-{
-  names = map (c: c.name) cases;
-  inherit report;
+import ./report.nix cases // {
   # For tests/nix/run: unit files to run `systemd-analyze verify` on, and the mount points whose unit names
   # must match `systemd-escape -p --suffix=mount`.
   units = { stage2 = render stage2; stage1 = render stage1; };
