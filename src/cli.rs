@@ -173,6 +173,11 @@ pub struct StartArgs {
     /// The host's Nix store to share; only tests point it elsewhere (an empty directory).
     #[arg(long, hide = true, env = "DVN_HOST_NIX_STORE", default_value = crate::launch::HOST_NIX_STORE, value_name = "PATH")]
     pub host_nix_store: PathBuf,
+    /// The host's Nix daemon socket, through which the guest learns (read-only) which store paths the host
+    /// already has, so that they are not uploaded again; `none` turns that off [default:
+    /// /nix/var/nix/daemon-socket/socket when it exists and the store is shared].
+    #[arg(long, env = "DVN_HOST_NIX_DAEMON", value_name = "SOCKET|none", value_parser = parse_host_nix_daemon)]
+    pub host_nix_daemon: Option<HostNixDaemon>,
     /// Loopback port of the ssh proxy; 0 picks a free one (see `status`).
     #[arg(long, default_value_t = DEFAULT_SSH_PORT)]
     pub port: u16,
@@ -199,6 +204,21 @@ pub struct StartArgs {
     /// Its log goes to <state>/daemon.log unless --log-file is given.
     #[arg(long, short = 'd')]
     pub detach: bool,
+}
+
+/// `--host-nix-daemon`: a socket path, or `none`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostNixDaemon {
+    Off,
+    Socket(PathBuf),
+}
+
+fn parse_host_nix_daemon(value: &str) -> Result<HostNixDaemon, String> {
+    match value {
+        "" => Err("give a socket path, or `none`".into()),
+        "none" => Ok(HostNixDaemon::Off),
+        path => Ok(HostNixDaemon::Socket(PathBuf::from(path))),
+    }
 }
 
 impl StartArgs {

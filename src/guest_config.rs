@@ -39,6 +39,10 @@ pub struct GuestSettings {
     pub ephemeral: bool,
     /// Guest vsock port of the agent.
     pub agent_port: u32,
+    /// Host vsock port of the read-only store queries (the guest's `local-overlay://` lower store); absent
+    /// when they are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_store_port: Option<u32>,
     /// The host's wall clock when the VM was started (the agent corrects it right after boot).
     pub host_unix_ms: i64,
 }
@@ -86,7 +90,7 @@ pub fn write_settings(layout: &Layout, settings: &GuestSettings) -> Result<(), I
     write_atomic(&layout.guest_config_dir().join(FILE_SETTINGS), &settings_json(settings), 0o644)
 }
 
-fn settings_json(settings: &GuestSettings) -> Vec<u8> {
+pub(crate) fn settings_json(settings: &GuestSettings) -> Vec<u8> {
     serde_json::to_vec_pretty(settings).expect("settings serialize")
 }
 
@@ -104,7 +108,16 @@ mod tests {
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     fn settings() -> GuestSettings {
-        GuestSettings { version: 1, cores: 2, memory_mib: 1024, max_jobs: 2, ephemeral: false, agent_port: 1023, host_unix_ms: 5 }
+        GuestSettings {
+            version: 1,
+            cores: 2,
+            memory_mib: 1024,
+            max_jobs: 2,
+            ephemeral: false,
+            agent_port: 1023,
+            host_store_port: None,
+            host_unix_ms: 5,
+        }
     }
 
     #[test]

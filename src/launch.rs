@@ -4,12 +4,16 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::cli::StartArgs;
+use std::os::unix::fs::FileTypeExt;
+
+use crate::cli::{HostNixDaemon, StartArgs};
 use crate::engine::EngineKind;
 use crate::guest_config::{GuestSettings, SETTINGS_VERSION};
 use crate::instance::disk::{self, DiskPlan};
 use crate::instance::{EffectiveConfig, InstanceError, Layout};
-use crate::spec::{DiskSpec, NetworkSpec, RosettaMode, ShareSpec, TAG_CONFIG, TAG_NIX_STORE, VSOCK_PORT_AGENT, VmSpec};
+use crate::spec::{
+    DiskSpec, NetworkSpec, RosettaMode, ShareSpec, TAG_CONFIG, TAG_NIX_STORE, VSOCK_PORT_AGENT, VSOCK_PORT_HOST_STORE, VmSpec,
+};
 
 /// Bad input: reported with exit code 2, and nothing on disk was touched.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,8 @@ impl StartError {
 
 /// The host store shared as `nix-store`.
 pub const HOST_NIX_STORE: &str = "/nix/store";
+/// The host's Nix daemon socket (multi-user installs on macOS and Linux, nix-darwin).
+pub const HOST_NIX_DAEMON: &str = "/nix/var/nix/daemon-socket/socket";
 
 /// Checks a start request without writing anything; returns the effective configuration and the disk plan.
 /// `host_store` is the
@@ -90,6 +96,9 @@ pub fn validate_start(
     };
     check()?;
     let share_nix_store = decide_store_share(args.share_nix_store_requested(), host_store)?;
+    // The default socket serves the default store; a store elsewhere (tests) gets queries only when asked.
+    let default_socket = (host_store == Path::new(HOST_NIX_STORE)).then_some(Path::new(HOST_NIX_DAEMON));
+    let host_nix_daemon = decide_host_nix_daemon(args.host_nix_daemon.as_ref(), share_nix_store, default_socket)?;
     if args.ephemeral && !args.discard_disk && layout.disk().exists() {
         // A disk left by an ephemeral start is scratch; any other holds the store and homes.
         let previous = EffectiveConfig::load(layout)?;
@@ -116,12 +125,40 @@ pub fn validate_start(
         rosetta: args.rosetta_requested(),
         share_nix_store,
         host_nix_store: host_store.to_path_buf(),
+        host_nix_daemon,
         port: args.port,
         on_demand: args.on_demand,
         ephemeral: args.ephemeral,
         max_jobs: args.max_jobs.unwrap_or(args.cores),
     };
     Ok((config, plan))
+}
+
+/// Which host daemon socket the guest's store queries go to, if any. They need the shared store (the guest
+/// reads the files through it); an explicit socket must be one; the default is used only when it is there.
+fn decide_host_nix_daemon(
+    requested: Option<&HostNixDaemon>,
+    share_nix_store: bool,
+    default_socket: Option<&Path>,
+) -> Result<Option<PathBuf>, InputError> {
+    let is_socket = |p: &Path| fs::metadata(p).is_ok_and(|m| m.file_type().is_socket());
+    match requested {
+        Some(HostNixDaemon::Off) => Ok(None),
+        Some(HostNixDaemon::Socket(path)) if !share_nix_store => Err(InputError::BadPath {
+            flag: "--host-nix-daemon",
+            path: path.clone(),
+            problem: "needs the host store shared with the guest; drop --no-share-nix-store, or use --host-nix-daemon none".into(),
+        }),
+        Some(HostNixDaemon::Socket(path)) if !path.is_absolute() || !is_socket(path) => Err(InputError::BadPath {
+            flag: "--host-nix-daemon",
+            path: path.clone(),
+            problem: "is not the socket of a running Nix daemon (an absolute path, e.g. /nix/var/nix/daemon-socket/socket); \
+                      start the daemon, or use --host-nix-daemon none"
+                .into(),
+        }),
+        Some(HostNixDaemon::Socket(path)) => Ok(Some(path.clone())),
+        None => Ok(default_socket.filter(|s| share_nix_store && is_socket(s)).map(Path::to_path_buf)),
+    }
 }
 
 /// Whether to share the host store: asked for explicitly, it must exist; by default, only when it does.
@@ -184,6 +221,7 @@ pub fn vm_spec(layout: &Layout, config: &EffectiveConfig, mac: String) -> VmSpec
             Some(false) => RosettaMode::Off,
             None => RosettaMode::IfAvailable,
         },
+        host_ports: config.host_nix_daemon.iter().map(|_| VSOCK_PORT_HOST_STORE).collect(),
         runtime_dir: layout.runtime_dir(),
         machine_id_file: layout.machine_id_file(),
     }
@@ -198,6 +236,7 @@ pub fn guest_settings(config: &EffectiveConfig, host_unix_ms: i64) -> GuestSetti
         max_jobs: config.max_jobs,
         ephemeral: config.ephemeral,
         agent_port: VSOCK_PORT_AGENT,
+        host_store_port: config.host_nix_daemon.as_ref().map(|_| VSOCK_PORT_HOST_STORE),
         host_unix_ms,
     }
 }
@@ -338,5 +377,56 @@ mod tests {
         assert_eq!(tags(&[], &no_store), (vec!["dvn-config".into()], RosettaMode::IfAvailable), "no host store: not shared");
         let err = validate_start(&start_args(&["--share-nix-store"], &k, &i), EngineKind::Qemu, &layout, &no_store).unwrap_err();
         assert!(err.to_string().contains("--no-share-nix-store"), "{err}");
+    }
+
+    #[test]
+    fn host_store_queries_go_to_a_daemon_socket_only_when_the_store_is_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("daemon.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let file = dir.path().join("not-a-socket");
+        fs::write(&file, "").unwrap();
+        let missing = dir.path().join("missing");
+        let explicit = |p: &Path| HostNixDaemon::Socket(p.to_path_buf());
+
+        // The default: the daemon's socket when it is there and the store is shared; silently off otherwise.
+        assert_eq!(decide_host_nix_daemon(None, true, Some(&socket)).unwrap(), Some(socket.clone()));
+        assert_eq!(decide_host_nix_daemon(None, true, Some(&missing)).unwrap(), None);
+        assert_eq!(decide_host_nix_daemon(None, true, None).unwrap(), None, "a store other than /nix/store");
+        assert_eq!(decide_host_nix_daemon(None, false, Some(&socket)).unwrap(), None);
+        assert_eq!(decide_host_nix_daemon(Some(&HostNixDaemon::Off), true, Some(&socket)).unwrap(), None);
+        // Explicit: it must be a socket, and the store must be shared.
+        assert_eq!(decide_host_nix_daemon(Some(&explicit(&socket)), true, None).unwrap(), Some(socket.clone()));
+        for bad in [&file, &missing, Path::new("relative.sock")] {
+            let err = decide_host_nix_daemon(Some(&explicit(bad)), true, Some(&socket)).unwrap_err();
+            assert!(matches!(err, InputError::BadPath { flag: "--host-nix-daemon", .. }), "{bad:?}: {err}");
+        }
+        let err = decide_host_nix_daemon(Some(&explicit(&socket)), false, Some(&socket)).unwrap_err();
+        assert!(err.to_string().contains("needs the host store shared"), "{err}");
+    }
+
+    #[test]
+    fn host_store_queries_open_the_host_port_and_tell_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, initrd) = (dir.path().join("k"), dir.path().join("i"));
+        fs::write(&kernel, "").unwrap();
+        fs::write(&initrd, "").unwrap();
+        let store = dir.path().join("store");
+        fs::create_dir(&store).unwrap();
+        let socket = dir.path().join("daemon.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let layout = Layout::new(dir.path().join("state"));
+        let args = start_args(&["--host-nix-daemon", socket.to_str().unwrap()], &kernel, &initrd);
+        let (config, _) = validate_start(&args, EngineKind::Qemu, &layout, &store).unwrap();
+        assert_eq!(config.host_nix_daemon.as_deref(), Some(socket.as_path()));
+        assert_eq!(vm_spec(&layout, &config, "02:00:00:00:00:01".into()).host_ports, [VSOCK_PORT_HOST_STORE]);
+        assert_eq!(guest_settings(&config, 0).host_store_port, Some(VSOCK_PORT_HOST_STORE));
+
+        let off = start_args(&["--host-nix-daemon", "none"], &kernel, &initrd);
+        let (config, _) = validate_start(&off, EngineKind::Qemu, &layout, &store).unwrap();
+        assert_eq!(config.host_nix_daemon, None);
+        assert!(vm_spec(&layout, &config, "02:00:00:00:00:01".into()).host_ports.is_empty(), "no host port for the guest");
+        assert_eq!(guest_settings(&config, 0).host_store_port, None);
+        assert!(!String::from_utf8(crate::guest_config::settings_json(&guest_settings(&config, 0))).unwrap().contains("hostStorePort"));
     }
 }

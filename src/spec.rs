@@ -17,6 +17,9 @@ pub const VSOCK_PORT_SSH: u32 = 22;
 /// Guest vsock port of the guest agent: privileged (< 1024), so only guest root can bind it, not a build
 /// that outlives the agent.
 pub const VSOCK_PORT_AGENT: u32 = 1023;
+/// Host vsock port the guest connects to for read-only queries of the host's Nix store (the guest's
+/// `local-overlay://` lower store). The only host port a guest may open; see `crate::store_filter`.
+pub const VSOCK_PORT_HOST_STORE: u32 = 5000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -31,6 +34,9 @@ pub struct VmSpec {
     pub network: NetworkSpec,
     /// Rosetta share for x86_64 binaries (only the VZ engine can provide it).
     pub rosetta: RosettaMode,
+    /// Host vsock ports the guest may connect to (see [`crate::engine::Machine::guest_connections`]). A guest
+    /// connection to any other host port is refused.
+    pub host_ports: Vec<u32>,
     /// Where engine-private sockets and helper files live (inside the state directory).
     pub runtime_dir: PathBuf,
     /// Files the engine persists across boots (VZ machine identifier); inside the state directory.

@@ -35,6 +35,31 @@ pub fn vsock_listen(port: u32) -> nix::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Bridges this process's stdin/stdout to host vsock port `port` (the host is CID 2) until both directions
+/// end: the guest's end of the read-only store queries (`dvn-host-store@.service`, socket-activated).
+pub fn host_bridge(port: u32) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("vsock socket")?;
+    socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(libc::VMADDR_CID_HOST, port))
+        .with_context(|| format!("connecting to host vsock port {port}"))?;
+    // SAFETY: a connected stream socket we own; vsock supports read, write and shutdown like a unix stream.
+    let host = unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) };
+    let mut to_host = host.try_clone().context("vsock socket")?;
+    let upstream = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_host);
+        let _ = to_host.shutdown(std::net::Shutdown::Write);
+    });
+    let mut from_host = host;
+    let mut stdout = std::io::stdout().lock();
+    std::io::copy(&mut from_host, &mut stdout).context("relaying from the host")?;
+    std::io::Write::flush(&mut stdout)?;
+    drop(stdout);
+    // The host closed its side; our reader may still block on stdin, so do not wait for it.
+    drop(upstream);
+    Ok(())
+}
+
 fn vsock_accept(listener: &OwnedFd) -> nix::Result<UnixStream> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let raw = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;

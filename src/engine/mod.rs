@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use crate::spec::VmSpec;
@@ -106,6 +107,10 @@ pub trait Machine: Send + Sync {
     fn force_stop(&self) -> Result<(), EngineError>;
     /// Waits until the VM has stopped, at most `timeout` (None = forever). Ok(None) on timeout.
     fn wait(&self, timeout: Option<Duration>) -> Result<Option<StopReason>, EngineError>;
+    /// The connections the guest opens to host vsock port `port` (one of `VmSpec::host_ports`), in arrival
+    /// order; the channel ends when the VM is gone. Each port can be taken once; None for a port not in the
+    /// spec or already taken.
+    fn guest_connections(&self, port: u32) -> Option<Receiver<UnixStream>>;
     /// Set once the engine knows this VM can never answer again (a device on the way to the guest stopped
     /// working): says what stopped answering and for how long. The supervisor then boots a new VM. Engines
     /// without such a failure mode keep the default.

@@ -318,6 +318,10 @@ pub struct EffectiveConfig {
     /// The host directory shared as the guest's store (`/nix/store`; tests use an empty directory).
     #[serde(default = "default_host_nix_store")]
     pub host_nix_store: PathBuf,
+    /// The host Nix daemon socket the guest's store queries go to (read-only, filtered); None: queries off
+    /// (inputs in the host store are uploaded like any other).
+    #[serde(default)]
+    pub host_nix_daemon: Option<PathBuf>,
     pub port: u16,
     pub on_demand: bool,
     pub ephemeral: bool,

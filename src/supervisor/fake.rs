@@ -175,6 +175,10 @@ impl FakeMachine {
 struct Handle(Arc<FakeMachine>);
 
 impl Machine for Handle {
+    fn guest_connections(&self, _port: u32) -> Option<std::sync::mpsc::Receiver<UnixStream>> {
+        None
+    }
+
     fn connect(&self, port: u32) -> Result<UnixStream, EngineError> {
         let m = &self.0;
         let refuse = |reason: &str| Err(EngineError::Connect { port, reason: reason.into() });

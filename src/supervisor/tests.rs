@@ -57,6 +57,7 @@ impl Harness {
             rosetta: None,
             share_nix_store: false,
             host_nix_store: dir.path().join("store"),
+            host_nix_daemon: None,
             port: 0,
             on_demand,
             ephemeral: false,

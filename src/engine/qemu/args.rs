@@ -130,6 +130,7 @@ mod tests {
             ],
             network: NetworkSpec { mac: "02:00:00:00:00:01".into() },
             rosetta: RosettaMode::Off,
+            host_ports: vec![],
             runtime_dir: "/s/run".into(),
             machine_id_file: "/s/machine-identifier".into(),
         }

@@ -7,14 +7,17 @@
 mod args;
 mod qmp;
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -461,7 +464,19 @@ impl Engine for QemuEngine {
         for stale in plan.helpers.iter().chain([&plan.qemu]).filter_map(|p| p.ready_socket.as_ref()).chain([&plan.sockets.vsock_uds]) {
             let _ = fs::remove_file(stale);
         }
+        // Guest-initiated connections to host port P reach vhost-device-vsock's `<uds-path>_P`: bound before
+        // the guest runs, only for the ports the spec allows, so every other port finds nothing there.
+        let mut host_ports = HashMap::new();
+        for &port in &spec.host_ports {
+            let path = host_port_socket(&plan.sockets.vsock_uds, port);
+            let _ = fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).map_err(|e| EngineError::io(format!("listening on {}", path.display()), e))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(|e| EngineError::io(format!("restricting {}", path.display()), e))?;
+            host_ports.insert(port, HostPort { listener: Some(listener), path, taken: false });
+        }
         let mut machine = QemuMachine {
+            host_ports: Mutex::new(host_ports),
             children: Mutex::new(Vec::new()),
             vsock_uds: plan.sockets.vsock_uds.clone(),
             qmp_path: plan.sockets.qmp.clone(),
@@ -523,7 +538,24 @@ impl Engine for QemuEngine {
     }
 }
 
+/// vhost-device-vsock's socket for guest connections to host port `port` (its hybrid-vsock convention).
+fn host_port_socket(vsock_uds: &Path, port: u32) -> PathBuf {
+    let mut name = vsock_uds.as_os_str().to_owned();
+    name.push(format!("_{port}"));
+    PathBuf::from(name)
+}
+
+/// A host port the guest may connect to, and whether `guest_connections` has taken it.
+struct HostPort {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    taken: bool,
+}
+
 struct QemuMachine {
+    /// Listening sockets for guest-initiated connections, by host port; shut down with the machine so that
+    /// their accept threads end.
+    host_ports: Mutex<HashMap<u32, HostPort>>,
     /// QEMU last; helpers before it.
     children: Mutex<Vec<(String, Child)>>,
     vsock_uds: PathBuf,
@@ -603,6 +635,17 @@ impl QemuMachine {
         qmp.execute(command).map(|_| ()).map_err(|e| EngineError::io(format!("QMP {command}"), e))
     }
 
+    /// Ends the accept threads of the host ports: shutting a listening socket down wakes a blocked accept.
+    fn close_host_ports(&self) {
+        let mut ports = self.host_ports.lock().unwrap_or_else(|e| e.into_inner());
+        for port in ports.values_mut() {
+            if let Some(listener) = port.listener.take() {
+                let _ = nix::sys::socket::shutdown(listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            }
+            let _ = fs::remove_file(&port.path);
+        }
+    }
+
     fn kill_all(children: &mut [(String, Child)]) {
         for (_, child) in children.iter_mut() {
             let _ = child.kill();
@@ -624,6 +667,27 @@ impl Machine for QemuMachine {
             _ => *since = None,
         }
         result
+    }
+
+    fn guest_connections(&self, port: u32) -> Option<Receiver<UnixStream>> {
+        let listener = {
+            let mut ports = self.host_ports.lock().unwrap_or_else(|e| e.into_inner());
+            let port = ports.get_mut(&port).filter(|p| !p.taken)?;
+            port.taken = true;
+            // The original stays here, to be shut down with the machine.
+            port.listener.as_ref()?.try_clone().ok()?
+        };
+        let (tx, rx) = mpsc::channel();
+        let spawned = thread::Builder::new().name(format!("host-port-{port}")).spawn(move || {
+            for stream in listener.incoming() {
+                // An error: shut down with the machine. A failed send: nobody takes connections any more.
+                let Ok(stream) = stream else { break };
+                if tx.send(stream).is_err() {
+                    break;
+                }
+            }
+        });
+        spawned.ok().map(|_| rx)
     }
 
     fn unrecoverable(&self) -> Option<String> {
@@ -658,6 +722,7 @@ impl Machine for QemuMachine {
                 if let Some(status) = exited {
                     // QEMU is gone: its helpers have nothing left to serve.
                     Self::kill_all(&mut children);
+                    self.close_host_ports();
                     let forced = *self.forced.lock().expect("not poisoned");
                     return Ok(Some(match status {
                         _ if forced => StopReason::Forced,
@@ -678,6 +743,7 @@ impl Machine for QemuMachine {
 impl Drop for QemuMachine {
     fn drop(&mut self) {
         Self::kill_all(self.children.get_mut().expect("not poisoned"));
+        self.close_host_ports();
     }
 }
 
@@ -736,6 +802,7 @@ mod tests {
             shares: vec![ShareSpec { tag: "nix-store".into(), host_path: "/nix/store".into(), read_only: true }],
             network: NetworkSpec { mac: "02:00:00:00:00:01".into() },
             rosetta: RosettaMode::Off,
+            host_ports: vec![],
             runtime_dir: dir.path().join("run"),
             machine_id_file: dir.path().join("mid"),
         };
@@ -779,6 +846,7 @@ mod plan_tests {
             ],
             network: NetworkSpec { mac: "02:00:00:00:00:01".into() },
             rosetta: RosettaMode::Off,
+            host_ports: vec![],
             runtime_dir: "/s/run".into(),
             machine_id_file: "/s/mid".into(),
         };

@@ -19,12 +19,12 @@ use objc2::rc::Retained;
 use objc2::runtime::ProtocolObject;
 use objc2_foundation::NSError;
 use objc2_virtualization::{
-    VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare, VZVirtioSocketConnection, VZVirtioSocketDevice, VZVirtualMachine,
-    VZVirtualMachineConfiguration, VZVirtualMachineState,
+    VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare, VZVirtioSocketConnection, VZVirtioSocketDevice, VZVirtioSocketListener,
+    VZVirtualMachine, VZVirtualMachineConfiguration, VZVirtualMachineState,
 };
 
 use super::config::{self, describe};
-use super::delegate::Delegate;
+use super::delegate::{Delegate, PortDelegate};
 use super::machine_id::{self, Origin};
 use super::plumbing::{self, StopState};
 use super::rules::{self, ResourceLimits, RosettaAvailability, RosettaProbe};
@@ -163,7 +163,14 @@ impl Engine for VzEngine {
         let vm = Arc::new(created.expect("exec_sync ran the closure"));
         drop(configuration);
 
-        let machine = VzMachine { queue, vm: Some(vm), stop, console_done: Mutex::new(Some(console_done)) };
+        let machine = VzMachine {
+            queue,
+            vm: Some(vm),
+            stop,
+            console_done: Mutex::new(Some(console_done)),
+            host_ports: spec.host_ports.clone(),
+            listeners: Mutex::new(Vec::new()),
+        };
         machine.start()?;
         Ok(Box::new(machine))
     }
@@ -175,6 +182,16 @@ pub struct VzMachine {
     vm: Option<Arc<OnQueue<Vm>>>,
     stop: Arc<StopState>,
     console_done: Mutex<Option<mpsc::Receiver<()>>>,
+    /// The host ports the guest may connect to (VmSpec::host_ports).
+    host_ports: Vec<u32>,
+    /// Listeners set on the socket device, with their delegates (held weakly by the listener).
+    listeners: Mutex<Vec<OnQueue<PortListener>>>,
+}
+
+struct PortListener {
+    port: u32,
+    _listener: Retained<VZVirtioSocketListener>,
+    delegate: Retained<PortDelegate>,
 }
 
 type NsErrorResult = Result<(), String>;
@@ -284,6 +301,28 @@ impl Machine for VzMachine {
         }
     }
 
+    fn guest_connections(&self, port: u32) -> Option<mpsc::Receiver<UnixStream>> {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY (closure): `get` only reads the port, a plain integer.
+        if !self.host_ports.contains(&port) || listeners.iter().any(|l| unsafe { l.get() }.port == port) {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel();
+        let listener = self.on_queue(move |vm| {
+            // SAFETY: on the VM's queue.
+            let devices = unsafe { vm.socketDevices() };
+            let device = devices.firstObject().and_then(|d| d.downcast::<VZVirtioSocketDevice>().ok())?;
+            let delegate = PortDelegate::new(port, tx);
+            // SAFETY: on the VM's queue; the delegate is kept alive in `PortListener` (the listener holds it weakly).
+            let listener = unsafe { VZVirtioSocketListener::new() };
+            unsafe { listener.setDelegate(Some(ProtocolObject::from_ref(&*delegate))) };
+            unsafe { device.setSocketListener_forPort(&listener, port) };
+            Some(OnQueue(PortListener { port, _listener: listener, delegate }))
+        })?;
+        listeners.push(listener);
+        Some(rx)
+    }
+
     fn request_stop(&self) -> Result<(), EngineError> {
         if self.stop.get().is_some() {
             return Err(EngineError::NotRunning);
@@ -338,6 +377,14 @@ impl Drop for VzMachine {
                 let _ = self.force_stop();
             }
         }
+        // Close the host ports (ending their receivers' streams) and release the listeners on the queue.
+        let listeners = std::mem::take(&mut *self.listeners.lock().unwrap_or_else(|e| e.into_inner()));
+        self.queue.exec_sync(move || {
+            for listener in listeners {
+                // SAFETY: on the VM's queue.
+                unsafe { listener.get() }.delegate.close();
+            }
+        });
         // Release the VM (and with it the console pipe's write end) on its queue, then let the console drain.
         if let Some(vm) = self.vm.take() {
             self.queue.exec_sync(move || drop(vm));
