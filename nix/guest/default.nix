@@ -46,6 +46,20 @@ in
       defaultText = lib.literalExpression "pkgs.callPackage ./nix/package.nix { }";
       description = "The darwin-vz-nix package whose `dvn-agent` runs in the guest.";
     };
+    hostStoreQueries = lib.mkOption {
+      type = lib.types.bool;
+      # Nix's local-overlay store came with Nix 2.19 (experimental feature `local-overlay-store`); Lix and
+      # older Nix lack it, and a daemon that cannot open its store fails every build.
+      default = lib.getName config.nix.package == "nix" && lib.versionAtLeast (lib.getVersion config.nix.package) "2.19";
+      defaultText = lib.literalExpression ''lib.getName config.nix.package == "nix" && lib.versionAtLeast (lib.getVersion config.nix.package) "2.19"'';
+      description = ''
+        Use the host's store through Nix's local-overlay store when the host offers its Nix daemon
+        (settings.json `hostStorePort`), so that build inputs already in the host store are not uploaded.
+        Needs a Nix with the local-overlay store (Nix >= 2.19, not Lix): on by default only for such a
+        `nix.package`. When false the guest ignores the host's offer: its nix-daemon keeps the plain store,
+        inputs come over ssh, and no automatic garbage collection runs.
+      '';
+    };
     agentPort = lib.mkOption {
       type = lib.types.port;
       default = 1023;
@@ -185,7 +199,7 @@ in
         # (/run/dvn/host-store.env), and Nix's automatic GC by free space: only with the local-overlay
         # store, which frees the upper layer alone (./store-setup.sh).
         . ${./store-setup.sh}
-        dvn_store_setup ${settings} /run/dvn ${lib.escapeShellArg localOverlayStore} /run/dvn/nix.conf.new \
+        dvn_store_setup ${settings} /run/dvn ${lib.escapeShellArg (lib.optionalString cfg.hostStoreQueries localOverlayStore)} /run/dvn/nix.conf.new \
           "$(df --output=size -B1 / | tail -n 1)"
         # Whiteouts that hide host paths (a GC through a plain overlay, or one of an older guest): removed
         # before nix-daemon starts, whatever the mode (./remount-hook.sh).

@@ -3,7 +3,8 @@
 # (./default.nix); tests/nix/run runs it against temporary files.
 #
 # dvn_store_setup SETTINGS RUNDIR STORE_URL NIXCONF DISK_BYTES
-#   Host-store queries are on when SETTINGS has a valid "hostStorePort" (a vsock port, 1..4294967295):
+#   Host-store queries are on when SETTINGS has a valid "hostStorePort" (a vsock port, 1..4294967295) and
+#   STORE_URL is not empty (empty: this guest's Nix has no local-overlay store, the host's offer is ignored):
 #   - RUNDIR/nix-daemon.env: DVN_NIX_DAEMON_STORE=STORE_URL (the local-overlay store), else `auto`;
 #   - RUNDIR/host-store.env: DVN_HOST_STORE_PORT=<port> (read by dvn-host-store@.service), removed when off;
 #   - NIXCONF gets min-free/max-free (Nix's automatic GC) only when on: the local-overlay store deletes
@@ -23,6 +24,11 @@ dvn_store_setup() {
   esac
   if [ "$port" = invalid ]; then
     echo "darwin-vz: invalid hostStorePort in settings.json: host-store queries off" >&2
+    port=""
+  fi
+
+  if [ -n "$port" ] && [ -z "$url" ]; then
+    echo "darwin-vz: the host offers host-store queries, but this guest does not use them (hostStoreQueries = false)" >&2
     port=""
   fi
 

@@ -11,7 +11,9 @@ let
 
   # A stub aarch64-linux pkgs: derivations that are evaluated, never built.
   drv = name: builtins.derivation { inherit name; system = "aarch64-linux"; builder = "/bin/sh"; args = [ "-c" "echo stub >$out" ]; };
-  pkgs = lib.genAttrs [ "coreutils" "findutils" "jq" "util-linux" "gnugrep" "nix" ] drv // {
+  pkgs = lib.genAttrs [ "coreutils" "findutils" "jq" "util-linux" "gnugrep" ] drv // {
+    # Named as nixpkgs names it (pname-version): the guest module reads its version.
+    nix = drv "nix-2.31.2";
     callPackage = _: _: drv "darwin-vz-nix";
     # pkgs/build-support/trivial-builders: writeShellScript name text -> an executable store file.
     writeShellScript = name: _text: drv name;
@@ -124,6 +126,11 @@ let
   setupScript = plain guest.systemd.services.dvn-setup.script;
   # The store URL dvn-setup hands to ./store-setup.sh (one shell-quoted argument), and the hook it names.
   storeUrl = builtins.match ".*dvn_store_setup [^ ]+ /run/dvn '([^']*)' .*" setupScript;
+  # The same for a guest with another nix.package.
+  withNix = name: with (eval [{ nix.package = lib.mkForce (drv name); }]).config; {
+    inherit (services.darwin-vz-guest) hostStoreQueries;
+    url = builtins.match ".*dvn_store_setup [^ ]+ /run/dvn '([^']*)' .*" (plain systemd.services.dvn-setup.script) != [ "" ];
+  };
   hookPath = builtins.match ".*&remount-hook=(/nix/store/[a-z0-9]+-dvn-remount-hook)'.*" setupScript;
   # Every directive value of every stage 2 unit (Environment= included): systemd expands `%` in them.
   directives = lib.concatLists (lib.mapAttrsToList
@@ -256,6 +263,16 @@ let
         url = [ "local-overlay://?lower-store=unix%3A%2F%2F%2Frun%2Fdvn%2Fhost-store.sock&upper-layer=/nix/.rw-store/store&check-mount=false&remount-hook=${lib.head hookPath}" ];
         hook = true;
       };
+    }
+    {
+      name = "host store: only a Nix with the local-overlay store (>= 2.19, not Lix) uses it; otherwise the offer is ignored";
+      got = map withNix [ "nix-2.31.2" "nix-2.19.0" "nix-2.18.9" "lix-2.93.0" ];
+      expected = [
+        { hostStoreQueries = true; url = true; }
+        { hostStoreQueries = true; url = true; }
+        { hostStoreQueries = false; url = false; }
+        { hostStoreQueries = false; url = false; }
+      ];
     }
     {
       name = "host store: no unit directive holds a single % (systemd specifier); the URL's % go through the env file";
