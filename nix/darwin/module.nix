@@ -29,6 +29,10 @@ let
   pathsSetByUser = builtins.any (o: o.highestPrio < (mkDefault "").priority)
     [ opts.kernelPath opts.initrdPath opts.systemPath ];
 
+  # nix-darwin's own nix-daemon listens here (modules/services/nix-daemon.nix: the launchd socket, or the
+  # daemon's default path without it).
+  defaultDaemonSocket = "/nix/var/nix/daemon-socket/socket";
+
   # Same syntax as the CLI: bytes, or a number with K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024), not zero.
   diskSizeValid = builtins.match "0*[1-9][0-9]*([KkMmGgTt]([Ii][Bb])?|[Bb])?" cfg.diskSize != null;
 
@@ -48,6 +52,10 @@ let
     cfg.initrdPath
     "--system"
     cfg.systemPath
+    # The guest's own system lives in the host store: a missing share is an error, not a silent default.
+    "--share-nix-store"
+    "--host-nix-daemon"
+    (if cfg.hostStoreQueries.enable then cfg.hostStoreQueries.daemonSocket else "none")
     "--idle-timeout"
     (toString cfg.idleTimeout)
     (if cfg.rosetta then "--rosetta" else "--no-rosetta")
@@ -216,6 +224,35 @@ in
       description = "Loopback TCP port (127.0.0.1) at which the guest's sshd is reached.";
     };
 
+    hostStoreQueries = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Let the guest ask the host's Nix daemon which store paths are valid, so that a build input already
+          in the host's /nix/store is never uploaded over ssh (the guest reads its files through the read-only
+          store share). darwin-vz-nix connects to `daemonSocket` itself and passes only read-only Nix worker
+          operations from the guest (a live view: paths added after boot are seen); the guest's nix-daemon
+          runs Nix's experimental local-overlay store with that as its lower store.
+          When false, `--host-nix-daemon none`: the guest knows only its own system's paths and inputs are
+          copied over ssh.
+        '';
+      };
+      daemonSocket = mkOption {
+        type = types.str;
+        default = defaultDaemonSocket;
+        description = ''
+          The host Nix daemon's socket, passed as `darwin-vz-nix start --host-nix-daemon`. The default is where
+          nix-darwin's nix-daemon listens. darwin-vz-nix refuses to start (exit 2) when an explicitly given
+          socket is missing or not a socket, so the service fails visibly rather than uploading everything;
+          launchd starts it again (at the next connection, or after 10 s without `onDemand`), which also
+          covers a boot where darwin-vz-nix starts before nix-daemon has created its socket.
+          (With Determinate Nix, `nix.enable = false`, this whole module is refused: it needs nix-darwin to
+          manage `nix.buildMachines`.)
+        '';
+      };
+    };
+
     verbose = mkOption {
       type = types.bool;
       default = false;
@@ -256,6 +293,11 @@ in
         {
           assertion = lib.hasPrefix "/" wd && builtins.match ".*[[:space:]\"'].*" wd == null;
           message = "services.darwin-vz.workingDirectory must be an absolute path without spaces or quotes.";
+        }
+        {
+          assertion = !cfg.hostStoreQueries.enable
+            || (lib.hasPrefix "/" cfg.hostStoreQueries.daemonSocket && builtins.match ".*[\n\r].*" cfg.hostStoreQueries.daemonSocket == null);
+          message = "services.darwin-vz.hostStoreQueries.daemonSocket must be an absolute path (to turn the queries off, set hostStoreQueries.enable = false).";
         }
         {
           assertion = builtins.elem cfg.protocol [ "ssh" "ssh-ng" ];

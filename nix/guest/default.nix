@@ -16,6 +16,24 @@ let
   configMount = "run-dvn\\x2dconfig.mount";
   rosettaMount = "run-rosetta.mount";
 
+  # --- host-store queries (issue 11; the contract is in ./README.md "Host-store queries") ---
+  # The guest's nix-daemon runs Nix's local-overlay store when the host offers its Nix daemon (settings.json
+  # `hostStorePort`): the lower store is the host daemon, behind the host's read-only filter, reached through
+  # this socket and a vsock bridge; the overlay of `fileSystems."/nix/store"` holds the files.
+  hostStoreSocket = "/run/dvn/host-store.sock";
+  storeOverlay = config.fileSystems."/nix/store".overlay;
+  remountHook = pkgs.writeShellScript "dvn-remount-hook" (''
+    PATH=${lib.makeBinPath [ pkgs.coreutils pkgs.findutils pkgs.util-linux ]}
+    DVN_UPPER=${storeOverlay.upperdir}
+    DVN_LOWER=${lib.head storeOverlay.lowerdir}
+    export PATH DVN_UPPER DVN_LOWER
+  '' + builtins.readFile ./remount-hook.sh);
+  # check-mount=false: Nix would compare the overlay's lowerdir (/nix/.ro-store) with the lower store's
+  # store dir (/nix/store, the host's), which differ by design. Every `%` here reaches nix-daemon through
+  # /run/dvn/nix-daemon.env, never through a unit file (where systemd would expand it as a specifier).
+  localOverlayStore = "local-overlay://?lower-store=${lib.escapeURL "unix://${hostStoreSocket}"}"
+    + "&upper-layer=${storeOverlay.upperdir}&check-mount=false&remount-hook=${remountHook}";
+
   rosettaBinfmt = '':rosetta:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00:\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:${rosettaDir}/rosetta:CF'';
 in
 {
@@ -27,6 +45,20 @@ in
       default = pkgs.callPackage ../package.nix { };
       defaultText = lib.literalExpression "pkgs.callPackage ./nix/package.nix { }";
       description = "The darwin-vz-nix package whose `dvn-agent` runs in the guest.";
+    };
+    hostStoreQueries = lib.mkOption {
+      type = lib.types.bool;
+      # Nix's local-overlay store came with Nix 2.19 (experimental feature `local-overlay-store`); Lix and
+      # older Nix lack it, and a daemon that cannot open its store fails every build.
+      default = lib.getName config.nix.package == "nix" && lib.versionAtLeast (lib.getVersion config.nix.package) "2.19";
+      defaultText = lib.literalExpression ''lib.getName config.nix.package == "nix" && lib.versionAtLeast (lib.getVersion config.nix.package) "2.19"'';
+      description = ''
+        Use the host's store through Nix's local-overlay store when the host offers its Nix daemon
+        (settings.json `hostStorePort`), so that build inputs already in the host store are not uploaded.
+        Needs a Nix with the local-overlay store (Nix >= 2.19, not Lix): on by default only for such a
+        `nix.package`. When false the guest ignores the host's offer: its nix-daemon keeps the plain store,
+        inputs come over ssh, and no automatic garbage collection runs.
+      '';
     };
     agentPort = lib.mkOption {
       type = lib.types.port;
@@ -159,13 +191,19 @@ in
         } > /run/dvn/nix.conf.new
 
         # Guest store paths known to the host (at least the guest system closure), so that nix-daemon
-        # treats them as valid. Garbage collection by free space only then: otherwise it would delete the
-        # (unregistered) lower store paths the guest itself runs from.
-        if [ -f ${configDir}/nix-registration ] && nix-store --load-db < ${configDir}/nix-registration; then
-          size=$(df --output=size -B1 / | tail -n 1)
-          echo "min-free = $((size / 10))" >> /run/dvn/nix.conf.new
-          echo "max-free = $((size / 4))" >> /run/dvn/nix.conf.new
+        # treats them as valid even without host-store queries.
+        if [ -f ${configDir}/nix-registration ]; then
+          nix-store --load-db < ${configDir}/nix-registration || echo "darwin-vz: loading the host's registration failed" >&2
         fi
+        # The store nix-daemon runs (/run/dvn/nix-daemon.env), the vsock port of the host's Nix daemon
+        # (/run/dvn/host-store.env), and Nix's automatic GC by free space: only with the local-overlay
+        # store, which frees the upper layer alone (./store-setup.sh).
+        . ${./store-setup.sh}
+        dvn_store_setup ${settings} /run/dvn ${lib.escapeShellArg (lib.optionalString cfg.hostStoreQueries localOverlayStore)} /run/dvn/nix.conf.new \
+          "$(df --output=size -B1 / | tail -n 1)"
+        # Whiteouts that hide host paths (a GC through a plain overlay, or one of an older guest): removed
+        # before nix-daemon starts, whatever the mode (./remount-hook.sh).
+        ${remountHook} --if-removed /nix/store || echo "darwin-vz: the store repair failed" >&2
 
         # Rosetta: register binfmt only when the share is really there.
         if [ -x ${rosettaDir}/rosetta ]; then
@@ -250,6 +288,8 @@ in
     nix.settings = {
       trusted-users = [ "root" "builder" ];
       experimental-features = [ "nix-command" "flakes" ];
+      # For the local-overlay store of host-store queries (read by every Nix in the guest; harmless when off).
+      extra-experimental-features = [ "local-overlay-store" ];
       system-features = [ "nixos-test" "benchmark" "big-parallel" ];
       # Builds get what they need from the host (ssh-ng, builders-use-substitutes on the host side).
       auto-optimise-store = false;
@@ -258,9 +298,49 @@ in
     nix.extraOptions = ''
       !include /run/dvn/nix.conf
     '';
+    # services/system/nix-daemon.nix takes nix-daemon.service from the Nix package (systemd.packages), so
+    # this is a drop-in: ExecStart is reset ("") before ours. Only the root daemon gets --store: a `store =`
+    # line in nix.conf would also reach builder's `nix-daemon --stdio` (ssh-ng), which cannot open a local
+    # store as non-root and must forward to this daemon. `auto` until dvn-setup wrote the file (and when
+    # host-store queries are off); an EnvironmentFile overrides Environment= (systemd.exec(5)).
     systemd.services.nix-daemon = {
       after = [ "dvn-setup.service" ];
       wants = [ "dvn-setup.service" ];
+      environment.DVN_NIX_DAEMON_STORE = "auto";
+      serviceConfig = {
+        EnvironmentFile = "-/run/dvn/nix-daemon.env";
+        # ${VAR} (not $VAR): one argument, whatever the URL holds.
+        ExecStart = [ "" "${config.nix.package.out}/bin/nix-daemon --daemon --store \${DVN_NIX_DAEMON_STORE}" ];
+      };
+    };
+
+    # The lower store of the local-overlay store: root's nix-daemon connects here; each connection is
+    # bridged by the agent to the host (vsock CID 2, port from settings.json), where darwin-vz-nix passes
+    # read-only Nix worker operations to the host's daemon. 0600: only root in the guest. Not a security
+    # boundary: any guest process can reach that vsock port; the host's filter is the boundary.
+    systemd.sockets.dvn-host-store = {
+      description = "darwin-vz-nix: the host's Nix store (read-only), lower store of the guest's nix-daemon";
+      wantedBy = [ "sockets.target" ];
+      socketConfig = {
+        ListenStream = hostStoreSocket;
+        SocketMode = "0600";
+        Accept = true;
+      };
+    };
+    systemd.services."dvn-host-store@" = {
+      description = "darwin-vz-nix: bridge to the host's Nix store";
+      # The port is in /run/dvn/host-store.env, written by dvn-setup only when queries are on; without it
+      # the connection is closed and nix-daemon reports the lower store as unreachable.
+      wants = [ "dvn-setup.service" ];
+      after = [ "dvn-setup.service" ];
+      unitConfig.ConditionPathExists = "/run/dvn/host-store.env";
+      serviceConfig = {
+        EnvironmentFile = "/run/dvn/host-store.env";
+        ExecStart = "${cfg.package}/bin/dvn-agent host-bridge --port \${DVN_HOST_STORE_PORT}";
+        StandardInput = "socket";
+        StandardOutput = "socket";
+        StandardError = "journal";
+      };
     };
 
     # --- network: DHCP from the host's NAT (for fixed-output builds); nothing waits for it ---

@@ -33,6 +33,9 @@ let
 
   daemon = c: c.launchd.daemons.darwin-vz-nix.serviceConfig;
   args = c: lib.drop 4 (daemon c).ProgramArguments;
+  # A flag and the value after it, wherever the flag is.
+  argAfter = flag: c: lib.elemAt (args c) (lib.lists.findFirstIndex (a: a == flag) null (args c) + 1);
+  flagWith = flag: c: [ flag (argAfter flag c) ];
   machine = c: builtins.head c.nix.buildMachines;
   sshConfig = c: c.environment.etc."ssh/ssh_config.d/0-darwin-vz-nix.conf".text;
   # /etc/ssh/ssh_config.d/* in the order ssh reads them (lexical, as glob(3) returns them).
@@ -73,6 +76,12 @@ let
   }];
   extraWithoutGuest = withPaths { extraNixOSConfig = { marker = "x"; }; };
   noPaths = evalWith [ ];
+  queriesOff = withPaths { hostStoreQueries.enable = false; };
+  customSocket = withPaths { hostStoreQueries.daemonSocket = "/var/run/other-nix/daemon.sock"; };
+  # The value after --host-nix-daemon.
+  hostDaemonArg = c: argAfter "--host-nix-daemon" c;
+  # Determinate Nix: nix-darwin's Nix management off.
+  determinate = evalWith [{ services.darwin-vz = paths; nix.enable = false; }];
   # A user's nix-darwin ssh settings that would break the pin if they were read first (tests/nix/run also
   # resolves them with `ssh -G`).
   userSsh = evalWith [{
@@ -127,6 +136,9 @@ let
     "/guest/initrd"
     "--system"
     "/guest/system"
+    "--share-nix-store"
+    "--host-nix-daemon"
+    "/nix/var/nix/daemon-socket/socket"
     "--idle-timeout"
     "180"
     "--rosetta"
@@ -263,17 +275,18 @@ let
     }
     {
       name = "custom port: socket, ssh_config and --port agree";
-      got = { sock = (daemon port2222).Sockets.Listener.SockServiceName; ssh = has "\n  Port 2222\n" (sshConfig port2222); arg = lib.sublist 18 2 (args port2222); };
+      got = { sock = (daemon port2222).Sockets.Listener.SockServiceName; ssh = has "\n  Port 2222\n" (sshConfig port2222); arg = flagWith "--port" port2222; };
       expected = { sock = "2222"; ssh = true; arg = [ "--port" "2222" ]; };
     }
     {
       name = "ephemeral + verbose are passed to start";
-      got = lib.drop 24 (args ephemeral);
+      # expectedDefaultArgs ends with --on-demand: what follows it.
+      got = lib.drop (builtins.length expectedDefaultArgs - 1) (args ephemeral);
       expected = [ "--on-demand" "--ephemeral" "--verbose" ];
     }
     {
       name = "cores 8: maxJobs follows cores; sizes and idle timeout 0 passed";
-      got = { inherit ((machine cores8)) maxJobs; a = lib.sublist 3 6 (args cores8); idle = lib.sublist 15 2 (args cores8); j = lib.sublist 20 2 (args cores8); };
+      got = { inherit ((machine cores8)) maxJobs; a = lib.sublist 3 6 (args cores8); idle = flagWith "--idle-timeout" cores8; j = flagWith "--max-jobs" cores8; };
       expected = { maxJobs = 8; a = [ "--cores" "8" "--memory" "16384" "--disk-size" "512G" ]; idle = [ "--idle-timeout" "0" ]; j = [ "--max-jobs" "8" ]; };
     }
     {
@@ -308,6 +321,47 @@ let
       name = "kernelPath is required without guestConfiguration";
       got = (builtins.tryEval (builtins.deepSeq (args noPaths) true)).success;
       expected = false;
+    }
+    {
+      name = "host-store queries: on by default with nix-darwin's daemon socket, off = none, custom socket passed";
+      got = {
+        default = hostDaemonArg defaults;
+        off = hostDaemonArg queriesOff;
+        custom = hostDaemonArg customSocket;
+        once = lib.count (a: a == "--host-nix-daemon") (args customSocket);
+        share = lib.elem "--share-nix-store" (args queriesOff);
+        failed = failed queriesOff ++ failed customSocket;
+      };
+      expected = {
+        default = "/nix/var/nix/daemon-socket/socket";
+        off = "none";
+        custom = "/var/run/other-nix/daemon.sock";
+        once = 1;
+        share = true;
+        failed = [ ];
+      };
+    }
+    {
+      name = "host-store queries: the socket must be an absolute path (not \"none\", not relative); unchecked when off";
+      got = map (o: failedOurs (withPaths { hostStoreQueries = o; })) [
+        { daemonSocket = "none"; }
+        { daemonSocket = "nix/daemon.sock"; }
+        { daemonSocket = "/tmp/a\nb"; }
+        { enable = false; daemonSocket = "none"; }
+      ];
+      expected =
+        let msg = [ "services.darwin-vz.hostStoreQueries.daemonSocket must be an absolute path (to turn the queries off, set hostStoreQueries.enable = false)." ];
+        in [ msg msg msg [ ] ];
+    }
+    {
+      name = "host-store queries: the build machine and ssh pin are the same on and off";
+      got = { machine = machine queriesOff == machine defaults; ssh = sshConfig queriesOff == sshConfig defaults; };
+      expected = { machine = true; ssh = true; };
+    }
+    {
+      name = "Determinate Nix (nix.enable = false): the module is refused as a whole";
+      got = failedOurs determinate;
+      expected = [ "services.darwin-vz requires nix.enable (it configures nix.buildMachines)." ];
     }
     {
       name = "kvm in supportedFeatures warns (no nested virtualization)";

@@ -11,8 +11,12 @@ let
 
   # A stub aarch64-linux pkgs: derivations that are evaluated, never built.
   drv = name: builtins.derivation { inherit name; system = "aarch64-linux"; builder = "/bin/sh"; args = [ "-c" "echo stub >$out" ]; };
-  pkgs = lib.genAttrs [ "coreutils" "jq" "util-linux" "gnugrep" "nix" ] drv // {
+  pkgs = lib.genAttrs [ "coreutils" "findutils" "jq" "util-linux" "gnugrep" ] drv // {
+    # Named as nixpkgs names it (pname-version): the guest module reads its version.
+    nix = drv "nix-2.31.2";
     callPackage = _: _: drv "darwin-vz-nix";
+    # pkgs/build-support/trivial-builders: writeShellScript name text -> an executable store file.
+    writeShellScript = name: _text: drv name;
   };
 
   eval = modules: lib.evalModules {
@@ -117,6 +121,25 @@ let
       guest.boot.initrd.systemd.services);
 
   plain = builtins.unsafeDiscardStringContext;
+
+  # --- host-store queries ---
+  setupScript = plain guest.systemd.services.dvn-setup.script;
+  # The store URL dvn-setup hands to ./store-setup.sh (one shell-quoted argument), and the hook it names.
+  storeUrl = builtins.match ".*dvn_store_setup [^ ]+ /run/dvn '([^']*)' .*" setupScript;
+  # The same for a guest with another nix.package.
+  withNix = name: with (eval [{ nix.package = lib.mkForce (drv name); }]).config; {
+    inherit (services.darwin-vz-guest) hostStoreQueries;
+    url = builtins.match ".*dvn_store_setup [^ ]+ /run/dvn '([^']*)' .*" (plain systemd.services.dvn-setup.script) != [ "" ];
+  };
+  hookPath = builtins.match ".*&remount-hook=(/nix/store/[a-z0-9]+-dvn-remount-hook)'.*" setupScript;
+  # Every directive value of every stage 2 unit (Environment= included): systemd expands `%` in them.
+  directives = lib.concatLists (lib.mapAttrsToList
+    (_: u: lib.concatMap (v: map (x: plain (toString x)) (list v))
+      (lib.concatMap lib.attrValues [ (u.unitConfig or { }) (u.serviceConfig or { }) (u.socketConfig or { }) (u.environment or { }) ]))
+    (guest.systemd.services // guest.systemd.sockets));
+  # A `%` not doubled: a systemd specifier, which none of our directives means to use.
+  hasSpecifier = v: builtins.match ".*%.*" (builtins.replaceStrings [ "%%" ] [ "" ] v) != null;
+
   cases = [
     {
       name = "guest module evaluates against the nixpkgs option declarations, no failed assertions";
@@ -189,6 +212,93 @@ let
         includeDefaultModules = false;
         availableKernelModules = [ "virtio_pci" "virtio_blk" "virtio_console" ];
         kernelModules = [ "virtiofs" "overlay" ];
+      };
+    }
+    {
+      name = "host store: dvn-host-store.socket (root only, one bridge per connection) and dvn-host-store@.service";
+      got = {
+        socket = { inherit (guest.systemd.sockets.dvn-host-store) socketConfig wantedBy; };
+        bridge = with guest.systemd.services."dvn-host-store@"; {
+          inherit wants after;
+          exec = plain serviceConfig.ExecStart;
+          inherit (serviceConfig) EnvironmentFile StandardInput StandardOutput;
+          inherit (unitConfig) ConditionPathExists;
+        };
+      };
+      expected = {
+        socket = { socketConfig = { ListenStream = "/run/dvn/host-store.sock"; SocketMode = "0600"; Accept = true; }; wantedBy = [ "sockets.target" ]; };
+        bridge = {
+          wants = [ "dvn-setup.service" ];
+          after = [ "dvn-setup.service" ];
+          exec = "${plain (drv "darwin-vz-nix")}/bin/dvn-agent host-bridge --port \${DVN_HOST_STORE_PORT}";
+          EnvironmentFile = "/run/dvn/host-store.env";
+          StandardInput = "socket";
+          StandardOutput = "socket";
+          ConditionPathExists = "/run/dvn/host-store.env";
+        };
+      };
+    }
+    {
+      name = "host store: nix-daemon's ExecStart reset, --store from /run/dvn/nix-daemon.env (auto without it)";
+      got = with guest.systemd.services.nix-daemon; {
+        exec = map plain serviceConfig.ExecStart;
+        inherit (serviceConfig) EnvironmentFile;
+        inherit environment after wants;
+      };
+      expected = {
+        exec = [ "" "${plain pkgs.nix}/bin/nix-daemon --daemon --store \${DVN_NIX_DAEMON_STORE}" ];
+        EnvironmentFile = "-/run/dvn/nix-daemon.env";
+        environment = { DVN_NIX_DAEMON_STORE = "auto"; };
+        after = [ "dvn-setup.service" ];
+        wants = [ "dvn-setup.service" ];
+      };
+    }
+    {
+      name = "host store: the local-overlay store URL dvn-setup writes (lower store = the bridge socket, upper = the overlay's)";
+      got = {
+        url = storeUrl;
+        hook = hookPath != null;
+      };
+      expected = {
+        url = [ "local-overlay://?lower-store=unix%3A%2F%2F%2Frun%2Fdvn%2Fhost-store.sock&upper-layer=/nix/.rw-store/store&check-mount=false&remount-hook=${lib.head hookPath}" ];
+        hook = true;
+      };
+    }
+    {
+      name = "host store: only a Nix with the local-overlay store (>= 2.19, not Lix) uses it; otherwise the offer is ignored";
+      got = map withNix [ "nix-2.31.2" "nix-2.19.0" "nix-2.18.9" "lix-2.93.0" ];
+      expected = [
+        { hostStoreQueries = true; url = true; }
+        { hostStoreQueries = true; url = true; }
+        { hostStoreQueries = false; url = false; }
+        { hostStoreQueries = false; url = false; }
+      ];
+    }
+    {
+      name = "host store: no unit directive holds a single % (systemd specifier); the URL's % go through the env file";
+      got = {
+        specifiers = lib.filter hasSpecifier directives;
+        urlHasPercent = lib.hasInfix "%" (lib.head storeUrl);
+        checkWorks = hasSpecifier "a%3A" && !hasSpecifier "a%%3A";
+      };
+      expected = { specifiers = [ ]; urlHasPercent = true; checkWorks = true; };
+    }
+    {
+      name = "host store: nix.conf enables local-overlay-store; min-free only through store-setup.sh (GC rule)";
+      got = {
+        inherit (guest.nix.settings) extra-experimental-features;
+        # min-free/max-free are written by ./store-setup.sh (tests/nix/run runs it), nowhere else.
+        minFreeInScript = lib.hasInfix "min-free" setupScript;
+        minFreeInSettings = guest.nix.settings ? min-free || lib.hasInfix "min-free" guest.nix.extraOptions;
+        sourced = builtins.match ".*\\. /nix/store/[a-z0-9]+-store-setup\\.sh\n.*" setupScript != null;
+        repairAtBoot = lib.hasInfix "${lib.head hookPath} --if-removed /nix/store" setupScript;
+      };
+      expected = {
+        extra-experimental-features = [ "local-overlay-store" ];
+        minFreeInScript = false;
+        minFreeInSettings = false;
+        sourced = true;
+        repairAtBoot = true;
       };
     }
   ];

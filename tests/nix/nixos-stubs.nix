@@ -154,8 +154,15 @@ in
     # security/sudo.nix
     security.sudo.enable = opt types.bool true;
 
-    # config/nix.nix
-    nix.settings = opt (types.submodule { freeformType = types.attrsOf types.anything; }) { };
+    # config/nix.nix (`semanticConfType`: a Nix config atom or a list of them; extra-* keys are written
+    # after the others)
+    nix.settings = opt
+      (types.submodule {
+        freeformType =
+          let atom = types.nullOr (types.oneOf [ types.bool types.int types.float types.str types.path types.package ]);
+          in types.attrsOf (types.either atom (types.listOf atom));
+      })
+      { };
     nix.extraOptions = opt types.lines "";
     nix.package = mkOption { type = types.package; };
   };
