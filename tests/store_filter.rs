@@ -232,3 +232,73 @@ fn a_case_hacked_path_is_not_valid_through_the_filter() {
     assert!(!out.status.success(), "a case-hacked path must not be valid to the guest");
     assert!(text(&out.stderr).contains("is not valid"), "{}", text(&out.stderr));
 }
+
+/// The guest's own Nix (2.34, protocol 1.38) against the host's 2.8 (1.34) through the filter, without a VM: the
+/// builder guest's root (its initramfs, DVN_TEST_BUILDER_INITRD) unpacked into a directory, `chroot` into it,
+/// the filter's socket placed inside (`unshare` + `chroot`, as root). Both as a plain client and as the lower store of a `local-overlay://`
+/// store, which is what the guest's nix-daemon runs.
+#[test]
+fn the_guest_nix_2_34_queries_the_host_2_8_through_the_filter() {
+    let Some(initrd) = std::env::var_os("DVN_TEST_BUILDER_INITRD") else {
+        eprintln!("SKIPPED: DVN_TEST_BUILDER_INITRD is not set (scripts/test builds the builder guest and sets it)");
+        return;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: chroot needs root");
+        return;
+    }
+    let Some(h) = Host::start() else { return };
+    let root = h.dir.path().join("guest");
+    std::fs::create_dir(&root).unwrap();
+    let unpack =
+        Command::new("cpio").args(["-id", "--quiet"]).current_dir(&root).stdin(std::fs::File::open(&initrd).unwrap()).status().unwrap();
+    assert!(unpack.success());
+    std::fs::create_dir_all(root.join("run/dvn")).unwrap();
+    let listener = UnixListener::bind(root.join("run/dvn/host-store.sock")).unwrap();
+    let ctx = h.ctx.clone();
+    thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let c = ctx.clone();
+            thread::spawn(move || serve(s, &c));
+        }
+    });
+
+    let f = h.dir.path().join("input.txt");
+    std::fs::write(&f, "a build input").unwrap();
+    let p = h.add(&f);
+    let guest_nix = |args: &[&str]| {
+        // Nix needs /proc: mounted in a private mount namespace that ends with the command.
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t proc proc "$0/proc" && exec chroot "$0" "$@""#)
+            .arg(&root)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", "/tmp")
+            .env("NIX_CONFIG", "experimental-features = nix-command local-overlay-store")
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, version, _) = guest_nix(&["nix", "--version"]);
+    assert!(ok && version.contains("2.34"), "{version}");
+
+    let lower = "unix:///run/dvn/host-store.sock";
+    let (ok, out, err) = guest_nix(&["nix", "path-info", "--json", "--store", lower, &p]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"narSize\""), "{out}");
+    let (ok, out, err) = guest_nix(&["nix", "store", "info", "--store", lower]);
+    assert!(ok, "{err}");
+    assert!(format!("{out}{err}").contains("Version: 2.8.0"), "the host's version is reported: {out}{err}");
+    let (ok, _, err) = guest_nix(&["nix-store", "--store", lower, "--add", "/etc/hostname"]);
+    assert!(!ok && err.contains("refused operation"), "{err}");
+
+    // The local-overlay store the guest's daemon runs, with the filter as its lower store: the path is valid
+    // in it (registered in the upper database from the lower store's answers).
+    std::fs::create_dir_all(root.join("tmp/upper")).unwrap();
+    let overlay = format!("local-overlay://?lower-store={lower}&upper-layer=/tmp/upper&check-mount=false");
+    let (ok, out, err) = guest_nix(&["nix", "path-info", "--store", &overlay, &p]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), p);
+}
