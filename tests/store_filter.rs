@@ -233,72 +233,135 @@ fn a_case_hacked_path_is_not_valid_through_the_filter() {
     assert!(text(&out.stderr).contains("is not valid"), "{}", text(&out.stderr));
 }
 
-/// The guest's own Nix (2.34, protocol 1.38) against the host's 2.8 (1.34) through the filter, without a VM: the
-/// builder guest's root (its initramfs, DVN_TEST_BUILDER_INITRD) unpacked into a directory, `chroot` into it,
-/// the filter's socket placed inside (`unshare` + `chroot`, as root). Both as a plain client and as the lower store of a `local-overlay://`
-/// store, which is what the guest's nix-daemon runs.
-#[test]
-fn the_guest_nix_2_34_queries_the_host_2_8_through_the_filter() {
-    let Some(initrd) = std::env::var_os("DVN_TEST_BUILDER_INITRD") else {
-        eprintln!("SKIPPED: DVN_TEST_BUILDER_INITRD is not set (scripts/test builds the builder guest and sets it)");
-        return;
-    };
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: chroot needs root");
-        return;
-    }
-    let Some(h) = Host::start() else { return };
-    let root = h.dir.path().join("guest");
-    std::fs::create_dir(&root).unwrap();
-    let unpack =
-        Command::new("cpio").args(["-id", "--quiet"]).current_dir(&root).stdin(std::fs::File::open(&initrd).unwrap()).status().unwrap();
-    assert!(unpack.success());
-    std::fs::create_dir_all(root.join("run/dvn")).unwrap();
-    let listener = UnixListener::bind(root.join("run/dvn/host-store.sock")).unwrap();
-    let ctx = h.ctx.clone();
-    thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let c = ctx.clone();
-            thread::spawn(move || serve(s, &c));
-        }
-    });
+/// The builder guest's root file system (its initramfs, DVN_TEST_BUILDER_INITRD, with Nix 2.34) unpacked into
+/// a directory, to run its Nix with `chroot` (and /proc mounted in a private mount namespace). None, with a
+/// message, without the image or without root.
+struct GuestRoot(PathBuf);
 
-    let f = h.dir.path().join("input.txt");
-    std::fs::write(&f, "a build input").unwrap();
-    let p = h.add(&f);
-    let guest_nix = |args: &[&str]| {
-        // Nix needs /proc: mounted in a private mount namespace that ends with the command.
-        let out = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+impl GuestRoot {
+    fn unpack(into: PathBuf) -> Option<GuestRoot> {
+        let Some(initrd) = std::env::var_os("DVN_TEST_BUILDER_INITRD") else {
+            eprintln!("SKIPPED: DVN_TEST_BUILDER_INITRD is not set (scripts/test builds the builder guest and sets it)");
+            return None;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: chroot needs root");
+            return None;
+        }
+        std::fs::create_dir(&into).unwrap();
+        let unpack =
+            Command::new("cpio").args(["-id", "--quiet"]).current_dir(&into).stdin(std::fs::File::open(&initrd).unwrap()).status().unwrap();
+        assert!(unpack.success());
+        std::fs::create_dir_all(into.join("run/dvn")).unwrap();
+        Some(GuestRoot(into))
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(r#"mount -t proc proc "$0/proc" && exec chroot "$0" "$@""#)
-            .arg(&root)
+            .arg(&self.0)
             .args(args)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", "/tmp")
-            .env("NIX_CONFIG", "experimental-features = nix-command local-overlay-store")
-            .output()
-            .unwrap();
+            .env("NIX_CONFIG", "experimental-features = nix-command local-overlay-store");
+        c
+    }
+
+    /// Runs the guest's Nix: (success, stdout, stderr).
+    fn nix(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.command(args).stdin(Stdio::null()).output().unwrap();
         (out.status.success(), text(&out.stdout), text(&out.stderr))
-    };
-    let (ok, version, _) = guest_nix(&["nix", "--version"]);
+    }
+
+    /// Serves a filter on `<root>/<sock>` (a path inside the chroot).
+    fn serve_filter(&self, sock: &str, ctx: Arc<FilterContext>) {
+        let listener = UnixListener::bind(self.0.join(sock)).unwrap();
+        thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let c = ctx.clone();
+                thread::spawn(move || serve(s, &c));
+            }
+        });
+    }
+}
+
+/// The guest's own Nix (2.34, protocol 1.38) against the host's 2.8 (1.34) through the filter, without a VM:
+/// both as a plain client and as the lower store of a `local-overlay://` store, which is what the guest's
+/// nix-daemon runs.
+#[test]
+fn the_guest_nix_2_34_queries_the_host_2_8_through_the_filter() {
+    let Some(h) = Host::start() else { return };
+    let Some(g) = GuestRoot::unpack(h.dir.path().join("guest")) else { return };
+    g.serve_filter("run/dvn/host-store.sock", h.ctx.clone());
+
+    let f = h.dir.path().join("input.txt");
+    std::fs::write(&f, "a build input").unwrap();
+    let p = h.add(&f);
+    let (ok, version, _) = g.nix(&["nix", "--version"]);
     assert!(ok && version.contains("2.34"), "{version}");
 
     let lower = "unix:///run/dvn/host-store.sock";
-    let (ok, out, err) = guest_nix(&["nix", "path-info", "--json", "--store", lower, &p]);
+    let (ok, out, err) = g.nix(&["nix", "path-info", "--json", "--store", lower, &p]);
     assert!(ok, "{err}");
     assert!(out.contains("\"narSize\""), "{out}");
-    let (ok, out, err) = guest_nix(&["nix", "store", "info", "--store", lower]);
+    let (ok, out, err) = g.nix(&["nix", "store", "info", "--store", lower]);
     assert!(ok, "{err}");
     assert!(format!("{out}{err}").contains("Version: 2.8.0"), "the host's version is reported: {out}{err}");
-    let (ok, _, err) = guest_nix(&["nix-store", "--store", lower, "--add", "/etc/hostname"]);
+    let (ok, _, err) = g.nix(&["nix-store", "--store", lower, "--add", "/etc/hostname"]);
     assert!(!ok && err.contains("refused operation"), "{err}");
 
     // The local-overlay store the guest's daemon runs, with the filter as its lower store: the path is valid
     // in it (registered in the upper database from the lower store's answers).
-    std::fs::create_dir_all(root.join("tmp/upper")).unwrap();
+    std::fs::create_dir_all(g.0.join("tmp/upper")).unwrap();
     let overlay = format!("local-overlay://?lower-store={lower}&upper-layer=/tmp/upper&check-mount=false");
-    let (ok, out, err) = guest_nix(&["nix", "path-info", "--store", &overlay, &p]);
+    let (ok, out, err) = g.nix(&["nix", "path-info", "--store", &overlay, &p]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), p);
+}
+
+/// Protocol 1.38 end to end with real Nix on both sides: the guest image's Nix 2.34 as the host daemon too (a
+/// host with a new Nix), so the feature-set exchange and the trusted flag go through the filter.
+#[test]
+fn nix_2_34_on_both_sides_negotiates_1_38_through_the_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(g) = GuestRoot::unpack(dir.path().join("guest")) else { return };
+    let mut daemon = g
+        .command(&["nix-daemon", "--store", "/tmp/host"])
+        .env("NIX_DAEMON_SOCKET_PATH", "/run/dvn/daemon.sock")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut daemon);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !g.0.join("run/dvn/daemon.sock").exists() {
+        assert!(Instant::now() < deadline, "the 2.34 nix-daemon did not create its socket");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ctx = Arc::new(FilterContext::new(FilterConfig::new(g.0.join("run/dvn/daemon.sock"), g.0.join("tmp/host/nix/store"))));
+    g.serve_filter("run/dvn/filter.sock", ctx.clone());
+    let (ok, p, err) = g.nix(&["nix-store", "--store", "unix:///run/dvn/daemon.sock", "--add", "/etc/hostname"]);
+    assert!(ok, "{err}");
+    let p = p.trim();
+
+    let filter = "unix:///run/dvn/filter.sock";
+    let (ok, out, err) = g.nix(&["nix", "store", "info", "--store", filter]);
+    assert!(ok, "{err}");
+    let info = format!("{out}{err}");
+    assert!(info.contains("Version: 2.34") && info.contains("Trusted: 0"), "{info}");
+    let (ok, out, err) = g.nix(&["nix", "path-info", "--store", filter, p]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), p);
+    let (ok, _, err) = g.nix(&["nix-store", "--store", filter, "--add", "/etc/os-release"]);
+    assert!(!ok && err.contains("refused operation AddToStore"), "{err}");
+    assert!(ctx.stats().ops_passed >= 2);
 }
