@@ -41,10 +41,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use path::{CleanCache, Tree};
 use proto::{LogMsg, NixError, op};
-use wire::{Conn, MAX_SET, MAX_STRING, Side};
+use wire::{Conn, MAX_SET, MAX_STRING};
 
 pub use path::{CASE_HACK, STORE_DIR};
 pub use proto::{MAX_VERSION, MIN_VERSION};
+pub use wire::Side;
 
 /// The most paths one closure check visits before giving up (the path then counts as not clean).
 const MAX_CLOSURE: usize = 100_000;
@@ -110,6 +111,21 @@ pub enum FilterError {
 impl FilterError {
     fn io(side: Side, source: io::Error) -> Self {
         FilterError::Io { side, source }
+    }
+
+    /// A request the filter refuses (counted as refused), as opposed to an I/O or upstream failure.
+    pub fn is_guest_fault(&self) -> bool {
+        matches!(
+            self,
+            FilterError::Refused { .. }
+                | FilterError::BadStorePath(_)
+                | FilterError::BadHashPart(_)
+                | FilterError::BadDrvOutput(_)
+                | FilterError::TooLarge { side: Side::Guest, .. }
+                | FilterError::Malformed { side: Side::Guest, .. }
+                | FilterError::BadMagic { side: Side::Guest, .. }
+                | FilterError::UnsupportedVersion { side: Side::Guest, .. }
+        )
     }
 }
 
@@ -312,22 +328,15 @@ impl Session<'_> {
                     self.guest.flush()?;
                 }
                 Err(e) => {
-                    if matches!(
-                        e,
-                        FilterError::Refused { .. }
-                            | FilterError::BadStorePath(_)
-                            | FilterError::BadHashPart(_)
-                            | FilterError::BadDrvOutput(_)
-                            | FilterError::TooLarge { side: Side::Guest, .. }
-                            | FilterError::Malformed { side: Side::Guest, .. }
-                    ) {
-                        // Tell the guest why, then close: the rest of its request is unread.
+                    if e.is_guest_fault() {
                         self.summary.ops_refused += 1;
                         self.ctx.ops_refused.fetch_add(1, Ordering::Relaxed);
-                        let msg = format!("darwin-vz-nix: {e}");
-                        tracing::debug!(op, "{msg}");
-                        let _ = NixError::new(msg).write(&mut self.guest).and_then(|()| self.guest.flush());
                     }
+                    // Tell the guest why (best effort), then close: the rest of its request is unread, or the
+                    // upstream connection is in an unknown state.
+                    let msg = format!("darwin-vz-nix: {e}");
+                    tracing::debug!(op, "{msg}");
+                    let _ = NixError::new(msg).write(&mut self.guest).and_then(|()| self.guest.flush());
                     return Err(e);
                 }
             }

@@ -175,6 +175,9 @@ fn fake_daemon(s: UnixStream, version: u64, fake: &Mutex<Fake>) -> Result<(), Fi
             }
             op::QUERY_REALISATION => {
                 let id = c.read_string(1000)?;
+                if id.ends_with("!hangup") {
+                    return Ok(()); // the daemon dies mid-op
+                }
                 fake.lock().unwrap().ops.push((o, id));
                 last(&mut c)?;
                 c.write_strings(&[r#"{"id":"x"}"#])?;
@@ -534,6 +537,20 @@ fn case_hacked_paths_and_their_referrers_are_not_valid() {
     std::fs::remove_file(s.store.join(path::base_name(&hacked).unwrap()).join("README~nix~case~hack~1")).unwrap();
     let (mut c, _h) = connect(&s, V38);
     assert!(is_valid(&mut c, &user));
+}
+
+#[test]
+fn a_host_daemon_dying_mid_op_is_reported_to_the_guest() {
+    let s = Setup::new(V38);
+    let (mut c, h) = connect(&s, V38);
+    c.write_u64(op::QUERY_REALISATION).unwrap();
+    c.write_bytes(b"sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5!hangup").unwrap();
+    c.flush().unwrap();
+    let err = proto::read_stderr(&mut c).unwrap().expect_err("an error");
+    assert!(err.message().starts_with("darwin-vz-nix: I/O with the host nix-daemon"), "{}", err.message());
+    let e = h.join().unwrap().unwrap_err();
+    assert!(matches!(e, FilterError::Io { side: Side::Upstream, .. }) && !e.is_guest_fault(), "{e}");
+    assert_eq!(s.ctx.stats().ops_refused, 0);
 }
 
 #[test]
