@@ -591,3 +591,9 @@ fn an_unreachable_host_daemon_is_a_typed_error() {
     a.flush().unwrap();
     assert!(matches!(serve(b, &ctx), Err(FilterError::Connect { .. })));
 }
+
+#[test]
+fn the_context_is_shared_between_connection_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<FilterContext>();
+}
