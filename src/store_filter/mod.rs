@@ -21,10 +21,12 @@
 //!   cannot delete it between the answer and the guest's use. Limit: temp roots live as long as the upstream
 //!   connection, i.e. as long as the guest keeps this connection open (the guest's nix-daemon keeps a pool).
 //!
-//! Why hand-written and not a crate: `nix-daemon` (crates.io) is tokio-based and speaks protocol 1.35+ only
-//! (Nix 2.15+), so it cannot talk to Debian's Nix 2.8 (1.34); `nix-remote` is a client/serde codec of the
-//! protocol without a bounded server side. The filter needs a small, strictly bounded, synchronous subset with
-//! its own policy at every step, which is less code than adapting either.
+//! Why hand-written and not a crate: `nix-daemon` 0.1.1 (crates.io) is tokio-based and fixes protocol 1.35
+//! (MIN_PROTO = MAX_PROTO = 1.35, Nix 2.15+), so it cannot talk to Debian's Nix 2.8 (1.34); `nix-remote` 0.1.1
+//! is a serde codec of all ops for one protocol version plus a forwarding proxy (and pulls in clap and
+//! anyhow): per-version encodings and per-field bounds against a hostile peer would still be ours to add. The
+//! filter needs a small, strictly bounded, synchronous subset with its own policy at every step, which is
+//! less code than adapting either (the crate is thread-based; no tokio).
 
 mod path;
 mod proto;
