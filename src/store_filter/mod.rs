@@ -51,8 +51,8 @@ pub use wire::Side;
 
 /// The most paths one closure check visits before giving up (the path then counts as not clean).
 const MAX_CLOSURE: usize = 100_000;
-/// The most paths remembered as already rooted on one connection (beyond that they are rooted again).
-const MAX_ROOTED: usize = 200_000;
+/// The most paths rooted on one connection; beyond that, new paths are not reported valid (they are uploaded).
+const MAX_ROOTED: usize = 500_000;
 /// Temp roots are pipelined upstream in batches of this many (small enough that replies never fill a socket
 /// buffer while we are still writing requests).
 const ROOT_BATCH: usize = 256;
@@ -375,8 +375,10 @@ impl Session<'_> {
             op::QUERY_PATH_INFO => {
                 let p = self.read_guest_path()?;
                 if let Err(e) = self.root(std::slice::from_ref(&p))? {
-                    // Not rooted, so not reported: the guest uploads it if it needs it.
                     tracing::debug!(error = %e.message(), "temp root refused upstream");
+                }
+                if !self.rooted.contains(&p) {
+                    // Not rooted, so not reported: the guest uploads it if it needs it.
                     return self.reply(Ok(()), |g, ()| g.write_u64(0));
                 }
                 let info = match self.up_path_info(&p, true)? {
@@ -537,9 +539,20 @@ impl Session<'_> {
         Ok(v.into_iter().filter(|p| path::is_store_path(p)).collect())
     }
 
-    /// Makes `paths` temp roots upstream (each once per connection), pipelined in batches.
+    /// Makes `paths` temp roots upstream (each once per connection), pipelined in batches. Only paths present in
+    /// the host store directory are rooted, and at most `MAX_ROOTED` per connection, so a guest cannot grow the
+    /// host daemon's temp-roots file without bound; a path not rooted is never reported valid.
     fn root(&mut self, paths: &[String]) -> Result<Upstream<()>, FilterError> {
-        let todo: Vec<&String> = paths.iter().filter(|p| !self.rooted.contains(*p)).collect();
+        let store_dir = &self.ctx.config.host_store_dir;
+        let mut todo: Vec<&String> = Vec::new();
+        for p in paths {
+            let on_disk = path::base_name(p).is_some_and(|b| store_dir.join(b).symlink_metadata().is_ok());
+            if on_disk && !self.rooted.contains(p) && self.rooted.len() + todo.len() < MAX_ROOTED {
+                todo.push(p);
+            }
+        }
+        todo.sort_unstable();
+        todo.dedup();
         for batch in todo.chunks(ROOT_BATCH) {
             let up = &mut self.up;
             for p in batch {
@@ -558,11 +571,7 @@ impl Session<'_> {
             if let Some(e) = failed {
                 return Ok(Err(e));
             }
-            for p in batch {
-                if self.rooted.len() < MAX_ROOTED {
-                    self.rooted.insert((*p).clone());
-                }
-            }
+            self.rooted.extend(batch.iter().map(|p| (*p).clone()));
         }
         Ok(Ok(()))
     }
@@ -576,6 +585,10 @@ impl Session<'_> {
         if let Err(e) = self.root(&candidates)? {
             tracing::debug!(error = %e.message(), "temp roots refused upstream: nothing reported valid");
             return Ok(Ok(Vec::new()));
+        }
+        let candidates: Vec<String> = candidates.into_iter().filter(|p| self.rooted.contains(p)).collect();
+        if candidates.is_empty() {
+            return Ok(Ok(candidates));
         }
         let up = &mut self.up;
         up.start_message();
