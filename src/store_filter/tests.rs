@@ -178,6 +178,19 @@ fn fake_daemon(s: UnixStream, version: u64, fake: &Mutex<Fake>) -> Result<(), Fi
                 if id.ends_with("!hangup") {
                     return Ok(()); // the daemon dies mid-op
                 }
+                if id.ends_with("!huge") {
+                    last(&mut c)?;
+                    c.write_u64(1)?;
+                    c.write_u64(1 << 40)?; // a realisation of 1 TiB
+                    c.flush()?;
+                    continue;
+                }
+                if id.ends_with("!read") {
+                    c.write_u64(proto::STDERR_READ)?; // asks the client for data
+                    c.write_u64(1 << 20)?;
+                    c.flush()?;
+                    continue;
+                }
                 fake.lock().unwrap().ops.push((o, id));
                 last(&mut c)?;
                 c.write_strings(&[r#"{"id":"x"}"#])?;
@@ -553,6 +566,24 @@ fn a_host_daemon_dying_mid_op_is_reported_to_the_guest() {
     let e = h.join().unwrap().unwrap_err();
     assert!(matches!(e, FilterError::Io { side: Side::Upstream, .. }) && !e.is_guest_fault(), "{e}");
     assert_eq!(s.ctx.stats().ops_refused, 0);
+}
+
+#[test]
+fn oversized_or_data_asking_replies_from_the_host_daemon_are_refused() {
+    let s = Setup::new(V38);
+    for (id, want) in [
+        ("huge", "the host nix-daemon sent a string of 1099511627776 (at most 65536)"),
+        ("read", "the host nix-daemon sent a data transfer in a read-only query"),
+    ] {
+        let (mut c, h) = connect(&s, V38);
+        c.write_u64(op::QUERY_REALISATION).unwrap();
+        c.write_bytes(format!("sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5!{id}").as_bytes()).unwrap();
+        c.flush().unwrap();
+        let err = proto::read_stderr(&mut c).unwrap().expect_err("an error");
+        assert_eq!(err.message(), format!("darwin-vz-nix: {want}"));
+        let e = h.join().unwrap().unwrap_err();
+        assert!(!e.is_guest_fault(), "{e}");
+    }
 }
 
 #[test]
