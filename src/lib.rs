@@ -17,5 +17,6 @@ pub mod progress;
 pub mod relay;
 pub mod spec;
 pub mod ssh;
+pub mod store_filter;
 pub mod supervisor;
 pub mod units;
