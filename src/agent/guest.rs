@@ -39,22 +39,23 @@ pub fn vsock_listen(port: u32) -> nix::Result<OwnedFd> {
 /// end: the guest's end of the read-only store queries (`dvn-host-store@.service`, socket-activated).
 pub fn host_bridge(port: u32) -> anyhow::Result<()> {
     use anyhow::Context;
-    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
     let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("vsock socket")?;
     socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(libc::VMADDR_CID_HOST, port))
         .with_context(|| format!("connecting to host vsock port {port}"))?;
     // SAFETY: a connected stream socket we own; vsock supports read, write and shutdown like a unix stream.
     let host = unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) };
+    // Unbuffered copies of stdin and stdout (under socket activation, both are the accepted connection): std's
+    // stdout is line-buffered, which would hold binary protocol bytes back until a newline.
+    let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().context("stdin")?);
+    let mut stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().context("stdout")?);
     let mut to_host = host.try_clone().context("vsock socket")?;
     let upstream = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_host);
+        let _ = std::io::copy(&mut &stdin, &mut to_host);
         let _ = to_host.shutdown(std::net::Shutdown::Write);
     });
     let mut from_host = host;
-    let mut stdout = std::io::stdout().lock();
     std::io::copy(&mut from_host, &mut stdout).context("relaying from the host")?;
-    std::io::Write::flush(&mut stdout)?;
-    drop(stdout);
     // The host closed its side; our reader may still block on stdin, so do not wait for it.
     drop(upstream);
     Ok(())

@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod console;
 mod control_socket;
+mod host_store;
 pub mod idle;
 mod monitor;
 mod phase;

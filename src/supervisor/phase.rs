@@ -26,6 +26,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use super::console::ConsoleSink;
+use super::host_store;
 use super::monitor::{self, Cancel, GuestReport, Probe};
 use super::{BootError, Options, Shared, SupervisorError, error_chain};
 use crate::control::{ControlReply, VmState};
@@ -34,6 +35,7 @@ use crate::instance::{EffectiveConfig, Layout, write_atomic};
 use crate::launch;
 use crate::progress::Progress;
 use crate::spec::VmSpec;
+use crate::store_filter::{FilterConfig, FilterContext};
 
 /// Everything the loop reacts to. Events from a VM carry its generation, so news from a VM that is gone is
 /// recognised and ignored.
@@ -192,6 +194,8 @@ pub(crate) struct Core {
     generation: u64,
     /// Failed boot sequences in a row (for the back-off).
     failures: u32,
+    /// The filter that serves the guest's read-only store queries, when they are on.
+    host_store: Option<Arc<FilterContext>>,
 }
 
 impl Core {
@@ -207,7 +211,12 @@ impl Core {
         events: Receiver<Event>,
     ) -> Self {
         let idle_timeout = options.idle_timeout.unwrap_or(Duration::from_secs(config.idle_timeout_seconds));
+        let host_store = config
+            .host_nix_daemon
+            .as_ref()
+            .map(|socket| Arc::new(FilterContext::new(FilterConfig::new(socket.clone(), config.host_nix_store.clone()))));
         Core {
+            host_store,
             layout,
             config,
             spec,
@@ -582,6 +591,12 @@ impl Core {
             Err(e) => return self.boot_failed(BootError::Engine(e), progress),
         };
         let vm = Vm { machine, generation };
+        if let Some(filter) = &self.host_store
+            && let Err(e) = host_store::spawn(&*vm.machine, filter.clone())
+        {
+            // Builds still work: their inputs are uploaded instead.
+            tracing::warn!("cannot serve the guest's host-store queries: {e}");
+        }
         let probe = monitor::spawn_waiter(vm.machine.clone(), generation, self.shared.clone())
             .and_then(|()| monitor::spawn_probe(vm.machine.clone(), generation, self.shared.clone()));
         let probe = match probe {
