@@ -429,6 +429,31 @@ fn wait_for_socket(path: &Path, helper: &mut Child, name: &str) -> Result<(), En
     Ok(())
 }
 
+/// A pidfd for the child (Linux): it becomes readable when the child exits, so a waiter needs no timer.
+#[cfg(target_os = "linux")]
+fn exit_fd(child: &Child) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; the pid is our unreaped
+    // child, so it cannot name another process.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    // SAFETY: a descriptor just returned to us and owned by nothing else.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exit_fd(_child: &Child) -> Option<std::os::fd::OwnedFd> {
+    None
+}
+
+/// Sleeps until the pidfd says the process exited, at most `left` (None: no limit).
+fn sleep_until_exit(fd: &std::os::fd::OwnedFd, left: Option<Duration>) {
+    let timeout_ms = left.map_or(-1, |d| i32::try_from(d.as_millis().max(1)).unwrap_or(i32::MAX));
+    let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the length given. Whatever poll says (exit, timeout, EINTR), the caller
+    // looks at the process again.
+    let _ = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+}
+
 impl Engine for QemuEngine {
     fn check(&self, spec: &VmSpec) -> Result<(), EngineError> {
         self.check_spec(spec)
@@ -468,6 +493,7 @@ impl Engine for QemuEngine {
             forced: Mutex::new(false),
             vsock_started: std::sync::atomic::AtomicBool::new(false),
             unanswered_since: Mutex::new(None),
+            qemu_exit: None,
         };
         let spawn = |process: &PlannedProcess| -> Result<Command, EngineError> {
             let mut cmd = supervised(process.command(), &log)?;
@@ -493,6 +519,7 @@ impl Engine for QemuEngine {
         let mut child = qemu.spawn().map_err(|e| EngineError::io(format!("starting {}", self.qemu.display()), e))?;
         drop(net_qemu);
         let mut stdout = child.stdout.take().expect("piped stdout");
+        machine.qemu_exit = exit_fd(&child);
         machine.adopt(child, "qemu");
         thread::Builder::new()
             .name("console".into())
@@ -535,6 +562,8 @@ struct QemuMachine {
     vsock_started: std::sync::atomic::AtomicBool,
     /// Since when connections have been taken but not answered, and by what (None once anything answers).
     unanswered_since: Mutex<Option<(Instant, &'static str)>>,
+    /// Readable once QEMU has exited: `wait` sleeps on it instead of polling.
+    qemu_exit: Option<std::os::fd::OwnedFd>,
 }
 
 impl QemuMachine {
@@ -667,10 +696,14 @@ impl Machine for QemuMachine {
                     }));
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
                 return Ok(None);
             }
-            thread::sleep(Duration::from_millis(25));
+            match &self.qemu_exit {
+                Some(fd) => sleep_until_exit(fd, left),
+                None => thread::sleep(Duration::from_millis(25)),
+            }
         }
     }
 }
