@@ -691,6 +691,10 @@ impl Machine for QemuMachine {
                     return Ok(Some(match status {
                         _ if forced => StopReason::Forced,
                         Some(s) if s.success() => StopReason::GuestShutdown,
+                        // `-action panic=exit-failure`: the status QEMU ends with when the guest panics.
+                        Some(s) if s.code() == Some(1) => StopReason::Error(format!(
+                            "QEMU exited with {s}: the guest kernel panicked, or QEMU failed (see console.log and run/helpers.log)"
+                        )),
                         Some(s) => StopReason::Error(format!("QEMU exited with {s}")),
                         None => StopReason::Error("no QEMU process".into()),
                     }));
