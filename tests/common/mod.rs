@@ -247,8 +247,35 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// After a failed test: the ends of the supervisor log, the helpers' log and the console in the test's
+    /// output, and whole copies under target/tmp/failed-vm-tests/ (the state directory is deleted with the test).
+    fn keep_logs(&self) {
+        let name = self.state().file_name().unwrap().to_string_lossy().into_owned();
+        let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("failed-vm-tests").join(&name);
+        let _ = fs::create_dir_all(&keep);
+        let logs = [
+            ("supervisor.log", self.log_path()),
+            ("helpers.log", self.state().join("run/helpers.log")),
+            ("console.log", self.state().join("console.log")),
+        ];
+        for (label, path) in logs {
+            let Ok(text) = fs::read(&path) else { continue };
+            let _ = fs::write(keep.join(label), &text);
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {label} (last 40 lines of {}) ---", path.display());
+            eprintln!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+        eprintln!("--- whole logs kept in {} ---", keep.display());
+    }
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
+        if thread::panicking() {
+            self.keep_logs();
+        }
         if let Some(mut child) = self.supervisor.take() {
             let _ = self.run(&["stop", "--force"]);
             let _ = child.kill();
