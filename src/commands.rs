@@ -107,12 +107,17 @@ fn absolute(path: &Path) -> std::path::PathBuf {
 fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs, init_logging: InitLogging) -> Result<ExitCode> {
     // Everything that can be wrong with the input is found before the first write (the log file included).
     let (config, _) = launch::validate_start(args, engine_kind, layout, &args.host_nix_store)?;
+    // A taken port is bad input too, so the listener is opened before the first write and handed on. A
+    // supervisor already running here holds the port itself: the lock below says so better.
+    let listener = if lock::is_held(layout) { None } else { Some(open_listener(config.port)?) };
     if let Some(path) = &args.log_file {
         init_logging(Some(path))?;
     }
     let engine = engine::for_kind(engine_kind).context("the hypervisor is not usable")?;
     // The background copy carries DVN_DETACHED, so it never detaches again (whatever flag spelling was used).
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
+        // The background copy binds the port itself; this one only checked it.
+        drop(listener);
         return start_detached(layout, args);
     }
 
@@ -142,7 +147,10 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs, init_loggin
     }
     config.save(layout)?;
     let mac = instance::ensure_mac_address(layout)?;
-    let (listener, origin) = listener::open(config.port)?;
+    let (listener, origin) = match listener {
+        Some(opened) => opened,
+        None => listener::open(config.port)?,
+    };
     let spec = launch::vm_spec(layout, &config, mac);
     engine.check(&spec).context("the hypervisor cannot run this VM safely")?;
     PidRecord::for_self().write(layout)?;
@@ -162,6 +170,14 @@ fn start(layout: &Layout, engine_kind: EngineKind, args: &StartArgs, init_loggin
 }
 
 const DETACHED_ENV: &str = "DVN_DETACHED";
+
+/// The proxy's listener; a port someone else holds is bad input (exit 2).
+fn open_listener(port: u16) -> Result<(std::net::TcpListener, listener::Origin)> {
+    listener::open(port).map_err(|e| match e {
+        listener::ListenError::InUse { .. } => bad_input(e.to_string()),
+        other => other.into(),
+    })
+}
 
 fn now_unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

@@ -66,6 +66,9 @@ fn bad_input_exits_2_and_changes_nothing() {
     let before = snapshot(i.state());
     let (k, r) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
     let log = i.state().join("daemon.log");
+    // A port someone else listens on, on the proxy's own address.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().port().to_string();
     let cases: Vec<Vec<&str>> = vec![
         vec!["start", "--kernel", k, "--initrd", r, "--cores", "0"],
         vec!["start", "--kernel", k, "--initrd", r, "--memory", "-1"],
@@ -101,6 +104,9 @@ fn bad_input_exits_2_and_changes_nothing() {
         vec!["start", "--kernel", k, "--initrd", r, "--engine", "hyperv"],
         vec!["logs", "-n", "many"],
         vec!["status", "--frob"],
+        vec!["start", "--kernel", k, "--initrd", r, "--port", &taken],
+        vec!["start", "--kernel", k, "--initrd", r, "--port", &taken, "--on-demand"],
+        vec!["start", "--kernel", k, "--initrd", r, "--port", &taken, "--detach"],
     ];
     for args in cases {
         let out = i.run(&args);
@@ -139,6 +145,14 @@ fn bad_input_exits_2_and_changes_nothing() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert_eq!(fs::read_to_string(&file).unwrap(), "x");
     }
+    // A taken port on a state directory that does not exist yet: it is not made.
+    let fresh = dir.path().join("fresh");
+    let out = i.cmd(&["start", "--kernel", k, "--initrd", r, "--port", &taken]).arg("--state-dir").arg(&fresh).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already in use") && stderr.lines().count() == 1, "{stderr}");
+    assert!(!fresh.exists(), "a start refused for its port made {}", fresh.display());
+    drop(holder);
     let shrink = String::from_utf8_lossy(&i.run(&["start", "--kernel", k, "--initrd", r, "--disk-size", "1G"]).stderr).into_owned();
     assert!(shrink.contains("smaller than the existing disk") && shrink.contains("2G"), "{shrink}");
 }

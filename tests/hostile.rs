@@ -9,45 +9,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
-use common::{Instance, snapshot};
-
-/// A fake `--system` whose kernel-params turn on the test guest's root login.
-fn root_hook_system(vm: &Instance) -> PathBuf {
-    let system = vm.host_store.path().join("hostile-system");
-    fs::create_dir_all(&system).unwrap();
-    fs::write(system.join("init"), "").unwrap();
-    fs::write(system.join("kernel-params"), "dvn_test_root_ssh=1\n").unwrap();
-    system
-}
-
-/// Runs a command in the guest as `user` (builder or root) with the instance's pinned key.
-fn ssh_as(vm: &Instance, user: &str, command: &str) -> String {
-    let (ok, stdout, stderr) = try_ssh_as(vm, user, command);
-    assert!(stdout.contains("PROBE") || ok, "ssh as {user}: {command}: {stderr}");
-    stdout
-}
-
-/// (exit status success, stdout, stderr)
-fn try_ssh_as(vm: &Instance, user: &str, command: &str) -> (bool, String, String) {
-    let port = vm.port().to_string();
-    let out = std::process::Command::new("ssh")
-        .arg("-i")
-        .arg(vm.state().join("ssh/id_ed25519"))
-        .args(["-p", &port, "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=darwin-vz-nix", "-o", "BatchMode=yes"])
-        .args(["-o", "ConnectTimeout=120", "-o", "LogLevel=ERROR"])
-        .arg(format!("-oUserKnownHostsFile={}", vm.state().join("ssh/known_hosts").display()))
-        .arg(format!("{user}@127.0.0.1"))
-        .arg(command)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+use common::{Instance, root_hook_system, snapshot, ssh_as, try_ssh_as};
 
 /// The probe's verdicts: name -> (got its way, detail).
 fn probe(vm: &Instance, user: &str, args: &str) -> BTreeMap<String, (bool, String)> {

@@ -277,6 +277,52 @@ fn a_vm_that_dies_underneath_is_noticed_and_the_next_start_works() {
     vm.assert_nothing_left();
 }
 
+/// Guest root panics the kernel (sysrq); the ssh session that did it dies with the guest.
+fn panic_the_guest(vm: &Instance) -> Instant {
+    let at = Instant::now();
+    let _ = common::try_ssh_as(vm, "root", "sync; echo c > /proc/sysrq-trigger");
+    at
+}
+
+/// What the supervisor may take to notice: QEMU exits at the panic (pvpanic), not at a later timeout.
+const PANIC_NOTICED_WITHIN: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_guest_kernel_panic_is_noticed_at_once_and_the_next_start_works() {
+    let mut vm = Instance::new();
+    let system = common::root_hook_system(&vm);
+    let system = ["--system", system.to_str().unwrap()];
+    // Plain start: the supervisor exits non-zero and says why; nothing is left; the next start works.
+    vm.start_ready(&system);
+    assert_eq!(common::ssh_as(&vm, "root", "id -u").trim(), "0");
+    let at = panic_the_guest(&vm);
+    let code = vm.wait_supervisor_exit(PANIC_NOTICED_WITHIN + Duration::from_secs(10));
+    let noticed = at.elapsed();
+    assert_ne!(code, 0, "a panicked guest is a failure:\n{}", vm.log());
+    assert!(noticed < PANIC_NOTICED_WITHIN, "noticed after {noticed:?}");
+    assert!(vm.log().contains("kernel panic"), "the log says what happened:\n{}", vm.log());
+    vm.assert_nothing_left();
+    assert_eq!(vm.status()["running"], false);
+    eprintln!("plain start: the panic ended the supervisor after {:.1} s (exit {code})", noticed.as_secs_f64());
+    vm.start_ready(&system);
+    assert_eq!(vm.ssh_ok("echo again").trim(), "again");
+    assert_eq!(vm.stop(&[]), 0);
+
+    // On demand: status reports it, the supervisor waits, and the next connection boots a new VM.
+    vm.spawn_start(&["--on-demand", system[0], system[1]]);
+    vm.wait_state("waiting", Duration::from_secs(30));
+    assert_eq!(vm.ssh_ok("echo first").trim(), "first");
+    let at = panic_the_guest(&vm);
+    let waiting = vm.wait_state("waiting", PANIC_NOTICED_WITHIN);
+    eprintln!("on demand: back to waiting {:.1} s after the panic", at.elapsed().as_secs_f64());
+    let error = waiting["lastError"].as_str().unwrap_or_default();
+    assert!(error.contains("kernel panic"), "status reports the panic: {waiting}");
+    assert_eq!(vm.ssh_ok("echo second").trim(), "second");
+    assert_eq!(vm.status()["bootCount"], 2);
+    assert_eq!(vm.stop(&[]), 0);
+    vm.assert_nothing_left();
+}
+
 #[test]
 fn a_full_guest_disk_keeps_the_guest_up_and_harms_nothing_on_the_host() {
     use std::os::unix::fs::MetadataExt;

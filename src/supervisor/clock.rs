@@ -1,5 +1,5 @@
-//! Clock policy, as pure functions: what the guest's offset is, when to set its clock, and whether the host
-//! slept. The monitor thread applies them; nothing here does I/O.
+//! Clock policy, as pure functions: what the guest's offset is, when to set its clock, whether the host
+//! slept, and when to ask the agent at all. The monitor thread applies them; nothing here does I/O.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +35,33 @@ pub fn needs_sync(offset_ms: i64, since_last_sync: Duration, host_slept: bool) -
     host_slept || since_last_sync >= SYNC_INTERVAL || offset_ms.unsigned_abs() > TOLERANCE_MS as u64
 }
 
+/// When the guest monitor, which wakes every status interval, asks the agent (status and clock). An idle VM
+/// costs the host no agent round trip per wake: a host sleep or a clock change shows locally, as the wall clock
+/// jumping against monotonic time, and is then corrected at once.
+#[derive(Debug, Clone, Copy)]
+pub struct AskPolicy {
+    /// Asked at every wake while the VM is used and this long after: a build started over a connection that
+    /// has closed since is seen before an idle timeout can run out.
+    pub linger: Duration,
+    /// Otherwise asked this often (builds, disk, the guest's own clock drift).
+    pub quiet: Duration,
+}
+
+impl Default for AskPolicy {
+    fn default() -> Self {
+        AskPolicy { linger: Duration::from_secs(10), quiet: SYNC_INTERVAL }
+    }
+}
+
+impl AskPolicy {
+    /// `since_answer`: since the agent last answered (None: never); `wall_jumped`: since the last wake;
+    /// `idle_for`: None while the VM is in use.
+    pub fn should_ask(&self, since_answer: Option<Duration>, wall_jumped: bool, idle_for: Option<Duration>) -> bool {
+        let Some(since_answer) = since_answer else { return true };
+        wall_jumped || idle_for.is_none_or(|idle| idle < self.linger) || since_answer >= self.quiet
+    }
+}
+
 /// A pair of wall and monotonic readings, to see the wall clock jump (the host slept, or was set).
 #[derive(Debug, Clone, Copy)]
 pub struct WallMark {
@@ -47,11 +74,21 @@ impl WallMark {
         WallMark { wall: SystemTime::now(), mono: Instant::now() }
     }
 
+    /// How far the wall clock moved beyond monotonic time between the two marks (negative: it was set back).
+    pub fn wall_drift_ms(&self, later: &WallMark) -> i64 {
+        let wall = unix_ms(later.wall).saturating_sub(unix_ms(self.wall));
+        let mono = i64::try_from(later.mono.saturating_duration_since(self.mono).as_millis()).unwrap_or(i64::MAX);
+        wall.saturating_sub(mono)
+    }
+
     /// True when the wall clock moved more than SLEEP_JUMP beyond monotonic time between the two marks.
     pub fn slept_until(&self, later: &WallMark) -> bool {
-        let wall = later.wall.duration_since(self.wall).unwrap_or_default();
-        let mono = later.mono.saturating_duration_since(self.mono);
-        wall > mono.saturating_add(SLEEP_JUMP)
+        self.wall_drift_ms(later) > SLEEP_JUMP.as_millis() as i64
+    }
+
+    /// True when the wall clock moved against monotonic time, either way, by more than the guest may be off.
+    pub fn jumped_until(&self, later: &WallMark) -> bool {
+        self.wall_drift_ms(later).unsigned_abs() > TOLERANCE_MS as u64
     }
 }
 
@@ -79,6 +116,39 @@ mod tests {
         assert!(before.slept_until(&after_sleep), "wall clock ran an hour ahead of monotonic time");
         let set_back = WallMark { wall: before.wall - Duration::from_secs(3600), mono: before.mono };
         assert!(!before.slept_until(&set_back), "a clock set back is no sleep");
+    }
+
+    #[test]
+    fn a_wall_clock_jump_either_way_is_seen_without_the_guest() {
+        let before = WallMark::now();
+        let two_seconds = |wall_ms: i64| WallMark {
+            wall: if wall_ms >= 0 {
+                before.wall + Duration::from_millis(wall_ms as u64)
+            } else {
+                before.wall - Duration::from_millis(wall_ms.unsigned_abs())
+            },
+            mono: before.mono + Duration::from_secs(2),
+        };
+        assert!(!before.jumped_until(&two_seconds(2_000)), "a steady clock");
+        assert!(!before.jumped_until(&two_seconds(2_000 + TOLERANCE_MS)), "NTP-sized slewing");
+        assert!(before.jumped_until(&two_seconds(2_000 + TOLERANCE_MS + 1)));
+        assert!(before.jumped_until(&two_seconds(3_600_000)), "the host slept an hour");
+        assert!(before.jumped_until(&two_seconds(-3_600_000)), "the host clock was set back");
+        assert_eq!(before.wall_drift_ms(&two_seconds(-3_600_000)), -3_602_000);
+        assert!(before.slept_until(&two_seconds(3_600_000)) && !before.slept_until(&two_seconds(-3_600_000)));
+    }
+
+    #[test]
+    fn the_agent_is_asked_when_used_on_a_jump_or_rarely() {
+        let p = AskPolicy { linger: Duration::from_secs(10), quiet: Duration::from_secs(60) };
+        let s = Duration::from_secs;
+        assert!(p.should_ask(None, false, Some(s(3600))), "the first round asks");
+        assert!(p.should_ask(Some(s(2)), false, None), "a connection or build: every wake");
+        assert!(p.should_ask(Some(s(2)), false, Some(s(9))), "just after the last use");
+        assert!(!p.should_ask(Some(s(2)), false, Some(s(10))), "idle: no round trip");
+        assert!(!p.should_ask(Some(s(59)), false, Some(s(600))));
+        assert!(p.should_ask(Some(s(60)), false, Some(s(600))), "idle, but not forever");
+        assert!(p.should_ask(Some(s(2)), true, Some(s(600))), "the host slept or its clock moved");
     }
 
     #[test]

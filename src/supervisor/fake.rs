@@ -44,6 +44,8 @@ struct Guest {
     builds: u32,
     silent: bool,
     hostile: bool,
+    /// Status requests the agent answered.
+    status_asks: u32,
 }
 
 pub struct FakeMachine {
@@ -101,6 +103,10 @@ impl FakeMachine {
         self.guest().hostile = hostile;
     }
 
+    pub fn status_asks(&self) -> u32 {
+        self.guest().status_asks
+    }
+
     pub fn stopped(&self) -> Option<StopReason> {
         self.guest().stopped.clone()
     }
@@ -118,7 +124,8 @@ impl FakeMachine {
         let reply = match protocol::decode_request(line.trim_end()) {
             Ok(Request::Hello) => Reply::Hello(Hello { agent_version: "fake".into(), hostname: "fake".into() }),
             Ok(Request::Status) => {
-                let guest = self.guest();
+                let mut guest = self.guest();
+                guest.status_asks += 1;
                 let now = super::clock::now_unix_ms();
                 Reply::Status(if guest.hostile {
                     GuestStatus {
@@ -294,7 +301,13 @@ impl Engine for FakeEngine {
             plan,
             poweroff: self.inner.poweroff.lock().unwrap().unwrap_or(Poweroff::Prompt),
             started: Instant::now(),
-            guest: Mutex::new(Guest { stopped: None, builds: *self.inner.builds_at_boot.lock().unwrap(), silent: false, hostile: false }),
+            guest: Mutex::new(Guest {
+                stopped: None,
+                builds: *self.inner.builds_at_boot.lock().unwrap(),
+                silent: false,
+                hostile: false,
+                status_asks: 0,
+            }),
             changed: Condvar::new(),
         });
         if plan == Plan::DieDuringBoot {

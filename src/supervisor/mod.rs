@@ -52,8 +52,10 @@ pub struct Options {
     pub force_timeout: Duration,
     /// VMs booted in a row when the engine reports one unrecoverable during boot.
     pub boot_attempts: u32,
-    /// How often the guest agent is asked for status (builds, disk, clock).
+    /// How often the guest monitor wakes (a local clock check); `agent_asks` says when it asks the agent for
+    /// status (builds, disk, clock).
     pub status_interval: Duration,
+    pub agent_asks: clock::AskPolicy,
     /// A running guest whose agent is silent this long is reported in `status` (lastError) and the log.
     pub agent_silence_reported_after: Duration,
     /// Proxied connections at once; more are closed at once.
@@ -81,6 +83,7 @@ impl Default for Options {
             force_timeout: Duration::from_secs(10),
             boot_attempts: 3,
             status_interval: Duration::from_secs(2),
+            agent_asks: clock::AskPolicy::default(),
             agent_silence_reported_after: Duration::from_secs(30),
             max_connections: 128,
             max_held_connections: 64,

@@ -8,7 +8,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::clock::{self, WallMark};
+use super::clock::{self, AskPolicy, WallMark};
 use super::phase::Event;
 use super::{Shared, error_chain};
 use crate::agent::client as agent;
@@ -125,45 +125,55 @@ fn ssh_banner(machine: &dyn Machine) -> std::io::Result<()> {
     if &banner == b"SSH-" { Ok(()) } else { Err(std::io::Error::other("not an ssh banner")) }
 }
 
-/// Asks the agent for status every `interval`, and sets the guest clock when the policy says so. The first
-/// round sets it at once.
+/// Wakes every `interval` and asks the agent for status when `policy` says so (the first round, while the VM
+/// is used, after a host clock jump, else rarely), and sets the guest clock when the clock policy says so.
 pub(crate) fn spawn_monitor(
     machine: Arc<dyn Machine>,
     generation: u64,
     shared: Arc<Shared>,
     interval: Duration,
+    policy: AskPolicy,
 ) -> std::io::Result<Cancel> {
     let (cancel, cancelled) = cancel_pair();
     thread::Builder::new().name("guest-monitor".into()).spawn(move || {
         let post = |report| shared.post(Event::Guest { generation, report });
         let mut last_sync: Option<Instant> = None;
+        let mut last_answer: Option<Instant> = None;
         let mut mark = WallMark::now();
+        // A sleep seen at a wake is remembered until the agent has answered after it.
+        let mut slept = false;
         loop {
-            let before = clock::now_unix_ms();
-            match agent::status(machine.as_ref()) {
-                Ok(status) => {
-                    let offset_ms = clock::offset_ms(status.unix_ms, before, clock::now_unix_ms());
-                    post(GuestReport::Status(GuestSample {
-                        builds_in_flight: status.builds_in_flight,
-                        disk_free_bytes: status.disk_free_bytes,
-                        guest_ip: status.guest_ip,
-                        offset_ms,
-                    }));
-                    let now = WallMark::now();
-                    let slept = mark.slept_until(&now);
-                    mark = now;
-                    let since_sync = last_sync.map_or(Duration::MAX, |t| t.elapsed());
-                    if clock::needs_sync(offset_ms, since_sync, slept) {
-                        match agent::set_time(machine.as_ref(), clock::now_unix_ms()) {
-                            Ok(set) => {
-                                last_sync = Some(Instant::now());
-                                post(GuestReport::ClockSet { was_off_ms: set.offset_ms });
+            let now = WallMark::now();
+            let jumped = mark.jumped_until(&now);
+            slept |= mark.slept_until(&now);
+            mark = now;
+            let idle_for = shared.view().activity.idle_for(now.mono);
+            if policy.should_ask(last_answer.map(|t| t.elapsed()), jumped, idle_for) {
+                let before = clock::now_unix_ms();
+                match agent::status(machine.as_ref()) {
+                    Ok(status) => {
+                        last_answer = Some(Instant::now());
+                        let offset_ms = clock::offset_ms(status.unix_ms, before, clock::now_unix_ms());
+                        post(GuestReport::Status(GuestSample {
+                            builds_in_flight: status.builds_in_flight,
+                            disk_free_bytes: status.disk_free_bytes,
+                            guest_ip: status.guest_ip,
+                            offset_ms,
+                        }));
+                        let since_sync = last_sync.map_or(Duration::MAX, |t| t.elapsed());
+                        if clock::needs_sync(offset_ms, since_sync, std::mem::take(&mut slept)) {
+                            match agent::set_time(machine.as_ref(), clock::now_unix_ms()) {
+                                Ok(set) => {
+                                    last_sync = Some(Instant::now());
+                                    post(GuestReport::ClockSet { was_off_ms: set.offset_ms });
+                                }
+                                Err(e) => tracing::warn!("setting the guest clock: {}", error_chain(&e)),
                             }
-                            Err(e) => tracing::warn!("setting the guest clock: {}", error_chain(&e)),
                         }
                     }
+                    // Asked again at the next wake.
+                    Err(e) => post(GuestReport::Silent(error_chain(&e))),
                 }
-                Err(e) => post(GuestReport::Silent(error_chain(&e))),
             }
             if cancelled.wait(interval) {
                 return;

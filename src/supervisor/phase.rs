@@ -504,7 +504,13 @@ impl Core {
         }
         self.failures = 0;
         b.progress.finish(&format!("ready in {seconds:.1} s: ssh on {}", self.addr));
-        let monitor = monitor::spawn_monitor(b.vm.machine.clone(), b.vm.generation, self.shared.clone(), self.options.status_interval);
+        let monitor = monitor::spawn_monitor(
+            b.vm.machine.clone(),
+            b.vm.generation,
+            self.shared.clone(),
+            self.options.status_interval,
+            self.options.agent_asks,
+        );
         match monitor {
             Ok(cancel) => Phase::Running(Running { vm: b.vm, agent_silent_since: None, silence_reported: false, _monitor: cancel }),
             Err(e) => {

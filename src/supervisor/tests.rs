@@ -444,3 +444,23 @@ fn the_guest_clock_is_set_at_boot_and_shift_is_refused_without_a_vm() {
     h.stop(false);
     h.finish().unwrap();
 }
+
+#[test]
+fn an_idle_vm_is_not_asked_for_status_at_every_wake_but_a_used_one_is() {
+    let h = Harness::start(FakeEngine::default(), false, |o| {
+        o.agent_asks = super::clock::AskPolicy { linger: Duration::from_millis(100), quiet: Duration::from_secs(3600) };
+    });
+    h.wait_state(VmState::Running);
+    // Past the linger after boot: the monitor wakes every 20 ms but leaves the agent alone.
+    thread::sleep(Duration::from_millis(300));
+    let idle_start = h.engine.machine(0).status_asks();
+    thread::sleep(Duration::from_millis(500));
+    let idle_asks = h.engine.machine(0).status_asks() - idle_start;
+    assert_eq!(idle_asks, 0, "asked {idle_asks} times in 25 wakes of an idle VM");
+    // A connection open: asked at every wake again.
+    let held = h.connect();
+    h.wait_for("status asked while used", |h| h.engine.machine(0).status_asks() >= idle_start + 5);
+    drop(held);
+    h.stop(false);
+    h.finish().unwrap();
+}

@@ -247,8 +247,35 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// After a failed test: the ends of the supervisor log, the helpers' log and the console in the test's
+    /// output, and whole copies under target/tmp/failed-vm-tests/ (the state directory is deleted with the test).
+    fn keep_logs(&self) {
+        let name = self.state().file_name().unwrap().to_string_lossy().into_owned();
+        let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("failed-vm-tests").join(&name);
+        let _ = fs::create_dir_all(&keep);
+        let logs = [
+            ("supervisor.log", self.log_path()),
+            ("helpers.log", self.state().join("run/helpers.log")),
+            ("console.log", self.state().join("console.log")),
+        ];
+        for (label, path) in logs {
+            let Ok(text) = fs::read(&path) else { continue };
+            let _ = fs::write(keep.join(label), &text);
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {label} (last 40 lines of {}) ---", path.display());
+            eprintln!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+        eprintln!("--- whole logs kept in {} ---", keep.display());
+    }
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
+        if thread::panicking() {
+            self.keep_logs();
+        }
         if let Some(mut child) = self.supervisor.take() {
             let _ = self.run(&["stop", "--force"]);
             let _ = child.kill();
@@ -299,4 +326,38 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32, u64)> {
         }
     }
     out
+}
+
+/// A fake `--system` whose kernel-params turn on the test guest's root login (`dvn_test_root_ssh=1`, a hook of
+/// the test guest only).
+pub fn root_hook_system(vm: &Instance) -> PathBuf {
+    let system = vm.host_store.path().join("hostile-system");
+    fs::create_dir_all(&system).unwrap();
+    fs::write(system.join("init"), "").unwrap();
+    fs::write(system.join("kernel-params"), "dvn_test_root_ssh=1\n").unwrap();
+    system
+}
+
+/// Runs a command in the guest as `user` (builder or root) with the instance's pinned key.
+pub fn ssh_as(vm: &Instance, user: &str, command: &str) -> String {
+    let (ok, stdout, stderr) = try_ssh_as(vm, user, command);
+    assert!(stdout.contains("PROBE") || ok, "ssh as {user}: {command}: {stderr}");
+    stdout
+}
+
+/// (exit status success, stdout, stderr)
+pub fn try_ssh_as(vm: &Instance, user: &str, command: &str) -> (bool, String, String) {
+    let port = vm.port().to_string();
+    let out = std::process::Command::new("ssh")
+        .arg("-i")
+        .arg(vm.state().join("ssh/id_ed25519"))
+        .args(["-p", &port, "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=darwin-vz-nix", "-o", "BatchMode=yes"])
+        .args(["-o", "ConnectTimeout=120", "-o", "LogLevel=ERROR"])
+        .arg(format!("-oUserKnownHostsFile={}", vm.state().join("ssh/known_hosts").display()))
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }

@@ -64,8 +64,10 @@ pub fn qemu_args(spec: &VmSpec, arch: Arch, accel: Accel, sockets: &Sockets, net
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-serial", "none", "-monitor", "none"]);
-    // A guest reboot ends the VM: the supervisor decides what happens next.
-    push(&["-no-reboot"]);
+    // A guest reboot ends the VM: the supervisor decides what happens next. A kernel panic ends it too, at
+    // once and with a failure status (the guest's pvpanic driver tells QEMU); a guest without that driver
+    // reboots a second after a panic (`panic=1` below), which also ends the VM instead of hanging it.
+    push(&["-no-reboot", "-device", "pvpanic-pci", "-action", "panic=exit-failure"]);
     match (arch, accel) {
         (Arch::X86_64, Accel::Kvm) => push(&["-machine", "q35", "-accel", "kvm", "-cpu", "host"]),
         (Arch::X86_64, Accel::Tcg) => push(&["-machine", "q35", "-accel", "tcg,tb-size=64", "-cpu", "max"]),
@@ -80,7 +82,9 @@ pub fn qemu_args(spec: &VmSpec, arch: Arch, accel: Accel, sockets: &Sockets, net
     push(&["-object", &backend, "-numa", "node,memdev=mem"]);
     let kernel = spec.kernel.display().to_string();
     let initrd = spec.initrd.display().to_string();
-    let mut cmdline = spec.kernel_cmdline.clone();
+    // Ours first: a `panic=` of the system's own kernel-params comes later and wins.
+    let mut cmdline = vec!["panic=1".to_string()];
+    cmdline.extend(spec.kernel_cmdline.iter().cloned());
     cmdline.push("console=hvc0".into());
     let cmdline = cmdline.join(" ");
     push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
@@ -144,7 +148,8 @@ mod tests {
     fn command_line_has_every_device_of_the_model() {
         let s = spec();
         let args = qemu_args(&s, Arch::X86_64, Accel::Tcg, &Sockets::in_dir(Path::new("/s/run"), 2), 7);
-        assert_eq!(value_after(&args, "-append"), ["init=/sys/init loglevel=4 console=hvc0"]);
+        assert_eq!(value_after(&args, "-append"), ["panic=1 init=/sys/init loglevel=4 console=hvc0"]);
+        assert_eq!(value_after(&args, "-action"), ["panic=exit-failure"], "a kernel panic ends QEMU with a failure");
         assert_eq!(value_after(&args, "-accel"), ["tcg,tb-size=64"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
         assert_eq!(value_after(&args, "-m"), ["1024M"]);
@@ -157,6 +162,7 @@ mod tests {
         assert!(devices.contains(&"vhost-user-vsock-pci,chardev=vsock0,id=vsock0"));
         assert!(devices.contains(&"virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01"));
         assert!(devices.contains(&"virtconsole,chardev=con0"));
+        assert!(devices.contains(&"pvpanic-pci"));
         assert_eq!(value_after(&args, "-qmp"), ["unix:/s/run/qmp.sock,server=on,wait=off"]);
     }
 

@@ -17,16 +17,21 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
 pub use args::{Accel, Arch};
 use args::{Sockets, VSOCK_DEVICE_ID, qemu_args};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 
 use super::{Engine, EngineError, Machine, StopReason};
 use crate::spec::{RosettaMode, VmSpec};
 
+/// How long the processes of a VM being ended may take to go after SIGKILL.
+const HELPERS_GONE_WAIT: Duration = Duration::from_secs(5);
 /// How long a helper may take to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// vhost-device-vsock 0.3.0 occasionally stops answering while a guest boots (about one boot in fifty here):
@@ -432,6 +437,49 @@ fn wait_for_socket(path: &Path, helper: &mut Child, name: &str) -> Result<(), En
     Ok(())
 }
 
+/// Whether a process of group `pgid` still runs (zombies do not count: they hold no socket or lock, and a
+/// container's pid 1 may never reap the orphans among them).
+#[cfg(target_os = "linux")]
+fn group_alive(pgid: u32) -> bool {
+    let Ok(proc) = fs::read_dir("/proc") else { return false };
+    proc.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))).any(|e| {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { return false };
+        // After the command name's closing parenthesis: state, ppid, pgrp.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().take(3).collect()).unwrap_or_default();
+        matches!(fields.as_slice(), [state, _, group] if *state != "Z" && *state != "X" && group.parse() == Ok(pgid))
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn group_alive(_pgid: u32) -> bool {
+    false
+}
+
+/// A pidfd for the child (Linux): it becomes readable when the child exits, so a waiter needs no timer.
+#[cfg(target_os = "linux")]
+fn exit_fd(child: &Child) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; the pid is our unreaped
+    // child, so it cannot name another process.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    // SAFETY: a descriptor just returned to us and owned by nothing else.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exit_fd(_child: &Child) -> Option<std::os::fd::OwnedFd> {
+    None
+}
+
+/// Sleeps until the pidfd says the process exited, at most `left` (None: no limit).
+fn sleep_until_exit(fd: &std::os::fd::OwnedFd, left: Option<Duration>) {
+    let timeout_ms = left.map_or(-1, |d| i32::try_from(d.as_millis().max(1)).unwrap_or(i32::MAX));
+    let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the length given. Whatever poll says (exit, timeout, EINTR), the caller
+    // looks at the process again.
+    let _ = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+}
+
 impl Engine for QemuEngine {
     fn check(&self, spec: &VmSpec) -> Result<(), EngineError> {
         self.check_spec(spec)
@@ -482,7 +530,9 @@ impl Engine for QemuEngine {
             qmp_path: plan.sockets.qmp.clone(),
             forced: Mutex::new(false),
             vsock_started: std::sync::atomic::AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             unanswered_since: Mutex::new(None),
+            qemu_exit: None,
         };
         let spawn = |process: &PlannedProcess| -> Result<Command, EngineError> {
             let mut cmd = supervised(process.command(), &log)?;
@@ -508,6 +558,7 @@ impl Engine for QemuEngine {
         let mut child = qemu.spawn().map_err(|e| EngineError::io(format!("starting {}", self.qemu.display()), e))?;
         drop(net_qemu);
         let mut stdout = child.stdout.take().expect("piped stdout");
+        machine.qemu_exit = exit_fd(&child);
         machine.adopt(child, "qemu");
         thread::Builder::new()
             .name("console".into())
@@ -567,6 +618,10 @@ struct QemuMachine {
     vsock_started: std::sync::atomic::AtomicBool,
     /// Since when connections have been taken but not answered, and by what (None once anything answers).
     unanswered_since: Mutex<Option<(Instant, &'static str)>>,
+    /// Readable once QEMU has exited: `wait` sleeps on it instead of polling.
+    qemu_exit: Option<std::os::fd::OwnedFd>,
+    /// Set once `kill_all` has ended and reaped every process.
+    ended: AtomicBool,
 }
 
 impl QemuMachine {
@@ -646,12 +701,33 @@ impl QemuMachine {
         }
     }
 
-    fn kill_all(children: &mut [(String, Child)]) {
-        for (_, child) in children.iter_mut() {
+    /// Ends every process of this VM, once: QEMU, each helper and whatever a helper started itself (the Rust
+    /// virtiofsd's sandboxed worker, which holds the lock on `<socket>.pid`), and waits until none is left, so
+    /// that the next VM's helpers find their sockets and lock files free.
+    fn kill_all(children: &mut [(String, Child)], ended: &AtomicBool) {
+        if ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for (name, child) in children.iter_mut() {
+            // A helper's group is its own (process_group(0)) and its leader is not reaped before the wait
+            // below, so the group id cannot name anyone else. QEMU starts nothing (and may be reaped already).
+            if name != "qemu" {
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            }
             let _ = child.kill();
         }
         for (_, child) in children.iter_mut() {
             let _ = child.wait();
+        }
+        let deadline = Instant::now() + HELPERS_GONE_WAIT;
+        for (name, child) in children.iter().filter(|(name, _)| name != "qemu") {
+            while group_alive(child.id()) {
+                if Instant::now() > deadline {
+                    tracing::warn!("a process of {name}'s group (pgid {}) outlived SIGKILL for {HELPERS_GONE_WAIT:?}", child.id());
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }
@@ -721,28 +797,36 @@ impl Machine for QemuMachine {
                 };
                 if let Some(status) = exited {
                     // QEMU is gone: its helpers have nothing left to serve.
-                    Self::kill_all(&mut children);
+                    Self::kill_all(&mut children, &self.ended);
                     self.close_host_ports();
                     let forced = *self.forced.lock().expect("not poisoned");
                     return Ok(Some(match status {
                         _ if forced => StopReason::Forced,
                         Some(s) if s.success() => StopReason::GuestShutdown,
+                        // `-action panic=exit-failure`: the status QEMU ends with when the guest panics.
+                        Some(s) if s.code() == Some(1) => StopReason::Error(format!(
+                            "QEMU exited with {s}: the guest kernel panicked, or QEMU failed (see console.log and run/helpers.log)"
+                        )),
                         Some(s) => StopReason::Error(format!("QEMU exited with {s}")),
                         None => StopReason::Error("no QEMU process".into()),
                     }));
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
                 return Ok(None);
             }
-            thread::sleep(Duration::from_millis(25));
+            match &self.qemu_exit {
+                Some(fd) => sleep_until_exit(fd, left),
+                None => thread::sleep(Duration::from_millis(25)),
+            }
         }
     }
 }
 
 impl Drop for QemuMachine {
     fn drop(&mut self) {
-        Self::kill_all(self.children.get_mut().expect("not poisoned"));
+        Self::kill_all(self.children.get_mut().expect("not poisoned"), &self.ended);
         self.close_host_ports();
     }
 }
@@ -751,6 +835,37 @@ impl Drop for QemuMachine {
 mod tests {
     use super::*;
     use crate::spec::{DiskSpec, NetworkSpec, ShareSpec};
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn ending_a_vm_ends_what_its_helpers_started_too() {
+        // A helper that starts a worker of its own which would outlive it (as the Rust virtiofsd's sandboxed
+        // worker can, holding the lock the next VM's virtiofsd needs).
+        let dir = tempfile::tempdir().unwrap();
+        let log = File::create(dir.path().join("helpers.log")).unwrap();
+        let worker_pid = dir.path().join("worker.pid");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("sleep 1000 & echo $! > {}; wait", worker_pid.display()));
+        let helper = supervised(cmd, &log).unwrap().spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let worker: i32 = loop {
+            if let Some(pid) = fs::read_to_string(&worker_pid).ok().and_then(|s| s.trim().parse().ok()) {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the helper never started its worker");
+            thread::sleep(Duration::from_millis(10));
+        };
+        let pgid = helper.id();
+        let mut children = vec![("virtiofsd".to_string(), helper)];
+        let ended = AtomicBool::new(false);
+        QemuMachine::kill_all(&mut children, &ended);
+        let state = fs::read_to_string(format!("/proc/{worker}/stat")).ok();
+        let state = state.as_deref().and_then(|s| s.rsplit_once(')')).and_then(|(_, rest)| rest.split_whitespace().next());
+        assert!(matches!(state, None | Some("Z")), "the helper's worker still runs ({state:?})");
+        assert!(!group_alive(pgid));
+        // A second call (Drop after wait) signals nobody: the group id may belong to someone else by now.
+        QemuMachine::kill_all(&mut children, &ended);
+    }
 
     fn fake_program(dir: &Path, name: &str, help: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
