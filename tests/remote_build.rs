@@ -232,3 +232,165 @@ fn on_demand_the_first_build_boots_the_builder_and_succeeds() {
     assert_eq!(vm.stop(&[]), 0);
     vm.assert_nothing_left();
 }
+
+/// The host's Nix daemon on a socket of the test's own (Debian's nix-bin 2.8, the real /nix/store), the upstream
+/// of the host-store filter. Killed on drop.
+struct HostDaemon {
+    child: std::process::Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HostDaemon {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("daemon.sock");
+        let child = Command::new("nix-daemon")
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .env("NIX_CONFIG", "build-users-group =\nsubstituters =\n")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running nix-daemon (scripts/test installs the host's Nix: Debian's nix-bin)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "nix-daemon never made {socket:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        HostDaemon { child, socket, _dir: dir }
+    }
+}
+
+impl Drop for HostDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a host Nix command as root without a daemon; its stdout, trimmed.
+fn host_nix(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .env("NIX_CONFIG", "build-users-group =\nexperimental-features = nix-command\n")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A directory of `size` random bytes in `file` added to the host store (after the VM booted: the guest must see
+/// a live view, not a snapshot).
+fn add_random_input(dir: &Path, name: &str, file: &str, size: usize) -> PathBuf {
+    let src = dir.join(name);
+    fs::create_dir_all(&src).unwrap();
+    let mut bytes = vec![0u8; size];
+    let mut x: u64 = 0x9e3779b97f4a7c15 ^ size as u64 ^ (std::process::id() as u64) << 20 ^ nonce().len() as u64;
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    bytes[..8].copy_from_slice(&SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos().to_le_bytes()[..8]);
+    fs::write(src.join(file), bytes).unwrap();
+    PathBuf::from(host_nix(&["nix-store", "--add", src.to_str().unwrap()]))
+}
+
+fn bytes_to_guest(vm: &Instance) -> u64 {
+    vm.status()["bytesToGuest"].as_u64().expect("bytesToGuest in status --json")
+}
+
+#[test]
+fn inputs_in_the_host_store_never_cross_the_wire_and_the_guest_cannot_write_the_host_store() {
+    let daemon = HostDaemon::start();
+    let socket = daemon.socket.to_str().unwrap().to_string();
+    let mut vm = builder_vm(&["--idle-timeout", "0", "--host-nix-daemon", &socket]);
+    vm.wait_state("running", BOOT_TIMEOUT);
+    let client = Client::new(&vm);
+    let n = nonce();
+    let inputs = tempfile::tempdir().unwrap();
+
+    // A large input, added to the host store after the boot: read by the build from the shared lower layer,
+    // known to the guest's Nix through the filter; the ssh connection carries the derivation, not the input.
+    const BIG: usize = 32 << 20;
+    let big = add_random_input(inputs.path(), &format!("dvn-big-{n}"), "data", BIG);
+    let before = bytes_to_guest(&vm);
+    let started = Instant::now();
+    let read_big = format!(
+        r#"derivation {{ name = "dvn-reads-big-{n}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "wc -c < ${{builtins.storePath {big:?}}}/data > $out" ]; }}"#
+    );
+    let built = client.build_ok(&read_big);
+    let sent = bytes_to_guest(&vm) - before;
+    eprintln!("{BIG}-byte input in the host store: {sent} bytes to the guest, {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(fs::read_to_string(&built[0]).unwrap().trim(), BIG.to_string());
+    assert!(sent < (BIG / 100) as u64, "the input crossed the wire: {sent} bytes sent for a {BIG}-byte input");
+
+    // A path whose files carry Nix's case-hack names (what a store on a case-insensitive APFS volume holds) is
+    // never served from the shared files: the filter calls it not valid, so it is uploaded as a NAR.
+    const HACKED: usize = 4 << 20;
+    let hacked = add_random_input(inputs.path(), &format!("dvn-casehack-{n}"), "README~nix~case~hack~1", HACKED);
+    let before = bytes_to_guest(&vm);
+    let read_hacked = format!(
+        r#"derivation {{ name = "dvn-reads-casehack-{n}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "ls ${{builtins.storePath {hacked:?}}} > $out" ]; }}"#
+    );
+    let listed = client.build_ok(&read_hacked);
+    let sent = bytes_to_guest(&vm) - before;
+    eprintln!("{HACKED}-byte case-hacked input: {sent} bytes to the guest");
+    assert!(sent >= HACKED as u64, "a case-hacked path was served from the shared files ({sent} bytes sent)");
+    assert_eq!(fs::read_to_string(&listed[0]).unwrap().trim(), "README~nix~case~hack~1");
+
+    // A guest build that uses a host path makes it a temporary root on the host for as long as it runs: the
+    // host's GC cannot delete it underneath. The guest builds by itself (no host client holding roots).
+    let held = add_random_input(inputs.path(), &format!("dvn-held-{n}"), "data", 1 << 20);
+    let slow = format!(
+        r#"derivation {{ name = "dvn-holds-{n}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "sleep 25; wc -c < ${{builtins.storePath {held:?}}}/data > $out" ]; }}"#
+    );
+    std::thread::scope(|scope| {
+        let guest_build = scope.spawn(|| vm.ssh(&format!("timeout 300 nix-build --no-out-link -E '{slow}'")));
+        std::thread::sleep(Duration::from_secs(12));
+        let delete = Command::new("nix-store").arg("--delete").arg(&held).env("NIX_CONFIG", "build-users-group =\n").output().unwrap();
+        let said = String::from_utf8_lossy(&delete.stderr);
+        eprintln!("host GC of a path a guest build uses: {} ({})", delete.status, said.trim());
+        assert!(!delete.status.success() && held.exists(), "the host deleted a path a running guest build uses: {said}");
+        assert!(said.contains("alive"), "refused for another reason than a root: {said}");
+        let out = guest_build.join().unwrap();
+        assert!(out.status.success(), "the guest build failed: {}", String::from_utf8_lossy(&out.stderr));
+    });
+
+    // A write through the same channel is refused and the host store is unchanged: the host's Nix client speaks to
+    // the VM's own listener for host port 5000 (where vhost-device-vsock delivers the guest's connections), so the
+    // write takes the path of a guest connection from that socket on.
+    let file = inputs.path().join("planted");
+    fs::write(&file, format!("planted-by-the-guest-{n}")).unwrap();
+    let planned = host_nix(&["nix", "store", "add-file", "--dry-run", file.to_str().unwrap()]);
+    let channel = format!("unix://{}", vm.state().join("run/vsock.sock_5000").display());
+    for write in [vec!["nix-store", "--store", &channel, "--add", file.to_str().unwrap()], vec!["nix-store", "--store", &channel, "--gc"]] {
+        let attempt = Command::new(write[0]).args(&write[1..]).env("NIX_CONFIG", "build-users-group =\n").output().unwrap();
+        let said = String::from_utf8_lossy(&attempt.stderr);
+        eprintln!("{}: {} ({})", write[3], attempt.status, said.trim());
+        assert!(!attempt.status.success(), "{write:?} through the host-store channel succeeded");
+        assert!(said.contains("refused"), "no refusal from the filter: {said}");
+    }
+    assert!(!Path::new(&planned).exists(), "{planned} appeared in the host store");
+    assert!(big.exists() && hacked.exists(), "the host store lost paths");
+
+    // Guest GC frees only the upper layer: outputs the host also has (copied back) are deleted from the upper
+    // layer behind the overlay, the remount hook runs, and no whiteout hides a host path.
+    // (Whiteouts of `<path>.lock` files remain: they hide the host's lock files, not store paths, and the guest
+    // makes its own lock files anyway.)
+    let gc = vm.ssh_ok("nix-store --gc 2>&1 | tail -2; find /data/nix/upper -maxdepth 1 -type c");
+    eprintln!("guest GC: {gc}");
+    let hiding: Vec<&str> = gc.lines().filter(|l| l.starts_with("/data/nix/upper/") && !l.ends_with(".lock")).collect();
+    assert!(hiding.is_empty(), "guest GC left whiteouts over host paths in the upper layer: {hiding:?}");
+    let visible = vm.ssh_ok(&format!("cat {}; ls {}", built[0].display(), big.display()));
+    assert!(visible.contains(&BIG.to_string()) && visible.contains("data"), "host paths hidden after guest GC: {visible}");
+
+    let mut all = [built, listed].concat();
+    all.extend([big, hacked, held]);
+    forget(&all);
+    assert_eq!(vm.stop(&[]), 0);
+    vm.assert_nothing_left();
+    drop(daemon);
+}
